@@ -1,0 +1,50 @@
+"""The FastCache skip test (DESIGN.md, "Decision rule"), as plain tensor functions.
+
+Under the null hypothesis "block input moved only by noise of relative RMS τ", the K = N·D (times
+batch) scaled element changes are standard normal, so K·δ²/τ² ~ χ²(K). A block is skipped iff
+
+    δ² = ‖x − x̂‖² / ‖x̂‖²  ≤  τ² · χ²_{K, 1−α} / K.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+
+
+def chi2_quantile_ratio(dof: int, alpha: float) -> float:
+    """χ²_{dof, 1−α} / dof, exactly (scipy)."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(1.0 - alpha, dof)) / dof
+
+
+def chi2_quantile_ratio_wh(dof: int, alpha: float) -> float:
+    """Wilson–Hilferty approximation of χ²_{dof, 1−α} / dof (no scipy; used for symbolic sizes)."""
+    z = NormalDist().inv_cdf(1.0 - alpha)
+    c = 2.0 / (9.0 * dof)
+    return (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+def skip_threshold(tau: float, alpha: float, dof: int) -> float:
+    """The bound δ² is compared with; negative (never skip) when τ = 0."""
+    if tau <= 0.0:
+        return -1.0
+    return tau * tau * chi2_quantile_ratio(dof, alpha)
+
+
+def relative_change(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
+    """δ² over all hidden streams of a block together, in float32: a 0-dim tensor."""
+    num = sum(((x.float() - r.float()) ** 2).sum() for x, r in zip(xs, refs))
+    den = sum((r.float() ** 2).sum() for r in refs)
+    return num / den
+
+
+def should_compute(delta2: torch.Tensor, threshold: float, force: torch.Tensor) -> torch.Tensor:
+    """True where the block must run: forced, input moved significantly, or δ² is not finite.
+
+    ``~(δ² <= thr)`` is True for NaN, so a non-finite statistic always computes.
+    """
+    return force | ~(delta2 <= threshold)

@@ -4,7 +4,7 @@ Thresholds come from measurements with the shipped weights (5 epochs, seed 0), 2
 subsets drawn with seeds 0-2:
   accuracy on a test subset      0.9235-0.924   (full test set: 0.9274)
   FID test subset vs test stats  0.127-0.166    (pure finite-sample bias: same distribution)
-  FID train subset vs test stats 0.196-0.205    (train/test shift is tiny)
+  FID train subset vs test stats 0.193-0.205    (train/test shift is tiny)
   FID uniform noise              90.4           (Gaussian noise: 84.7; test + N(0, 0.5) noise: 50.2)
 Each bound leaves a ~3x margin, so a retrained net or another seed does not flake, while the
 noise check still demands more than two orders of magnitude of separation.
@@ -22,15 +22,15 @@ import torch
 # Plain `pytest` only puts tests/ on sys.path; the benchmarks package lives at the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.reference import data  # noqa: E402
-from benchmarks.reference.features import (  # noqa: E402
+from benchmarks.reference import data
+from benchmarks.reference.features import (
     FEATURE_DIM,
     FeatureNet,
     accuracy,
     features,
     load_feature_net,
 )
-from benchmarks.reference.fid import (  # noqa: E402
+from benchmarks.reference.fid import (
     fid_fmnist,
     frechet_distance,
     reference_stats,
@@ -63,8 +63,15 @@ def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+def test_stats(
+    net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    return stats(features(net, test_subset[0]))
+
+
+@pytest.fixture(scope="module")
 def fid_test(net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]) -> float:
-    return fid_fmnist(test_subset[0], net=net)
+    return fid_fmnist(test_subset[0], net=net)  # the public entry point, end to end
 
 
 def test_accuracy(net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -101,14 +108,16 @@ def test_fid_noise_is_huge(net: FeatureNet, fid_test: float) -> None:
 
 
 def test_frechet_identical_is_zero_and_symmetric(
-    net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]
+    test_stats: tuple[np.ndarray, np.ndarray], fid_test: float
 ) -> None:
     mu_ref, sigma_ref = reference_stats()
     assert abs(frechet_distance(mu_ref, sigma_ref, mu_ref, sigma_ref)) < 1e-6
-    mu, sigma = stats(features(net, test_subset[0]))
+    mu, sigma = test_stats
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
     forward = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     backward = frechet_distance(mu_ref, sigma_ref, mu, sigma)
     assert forward == pytest.approx(backward, rel=1e-6, abs=1e-9)
+    assert forward == pytest.approx(fid_test, rel=1e-9)  # fid_fmnist is just features -> stats -> distance
 
 
 def test_frechet_closed_form() -> None:

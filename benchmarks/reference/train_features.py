@@ -115,7 +115,9 @@ def main() -> None:
             "Small CNN trained on Fashion-MNIST train; its 128-d penultimate (post-ReLU) activations "
             "replace Inception-v3 pool3 features. FID-FMNIST values are not comparable with Inception FID."
         ),
-        "architecture": "3 x (2 x conv3x3-BN-ReLU, maxpool) widths 16/32/64 -> linear 1024->128 BN ReLU -> 10",
+        "architecture": (
+            "3 x (2 x conv3x3-BN-ReLU, maxpool) widths 16/32/64 -> linear 1024->128 BN ReLU -> 10"
+        ),
         "parameters": sum(t.numel() for t in net.parameters()),
         "storage_dtype": "float16",
         "input": "(N, 1, 32, 32) in [-1, 1], 28x28 Fashion-MNIST padded with -1",
@@ -131,7 +133,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": "python -m benchmarks.reference.train_features " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.reference.train_features", *sys.argv[1:]]),
         "reference_stats": "fmnist_test_stats.npz: mu (128,), sigma (128, 128), float64, 10000 test images",
     }
     (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")

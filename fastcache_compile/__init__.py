@@ -1,0 +1,58 @@
+"""FastCache for Diffusion Transformers as a ``torch.compile`` backend.
+
+    model = torch.compile(model, backend="fastcache", options={"threshold": 0.05})
+    fastcache_compile.stats(model); fastcache_compile.reset(model)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import fastcache_backend
+from .calibration import Calibration, calibrate
+from .config import FastCacheConfig
+from .runtime import runtimes_for
+
+__all__ = ["Calibration", "FastCacheConfig", "calibrate", "fastcache_backend", "reset", "stats"]
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    # The entry point makes the name known without this import; registering here as well keeps
+    # ``backend="fastcache"`` working from a source checkout that was never pip-installed.
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "fastcache" not in _BACKENDS:
+        register_backend(name="fastcache")(fastcache_backend)
+
+
+_register()
+
+
+def stats(model: torch.nn.Module) -> dict[str, Any]:
+    """What the cache did for ``model`` (the object ``torch.compile`` returned, or the original)."""
+    runtimes = runtimes_for(model)
+    if not runtimes:
+        raise ValueError(
+            "no fastcache state for this model: compile it with torch.compile(model, backend='fastcache') "
+            "and call it at least once"
+        )
+    total: dict[str, Any] = {"graphs": len(runtimes)}
+    for rt in runtimes:
+        s = rt.summary()
+        for key in ("calls", "generations", "blocks_computed", "blocks_skipped", "compiled_variants"):
+            total[key] = total.get(key, 0) + s[key]
+        prev = total.get("per_block_skipped", [])
+        cur = s["per_block_skipped"]
+        total["per_block_skipped"] = [a + b for a, b in zip(prev, cur)] if prev else list(cur)
+    blocks = total["blocks_computed"] + total["blocks_skipped"]
+    total["skip_ratio"] = total["blocks_skipped"] / blocks if blocks else 0.0
+    return total
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget all cache state and statistics of ``model``; the next call starts a new generation."""
+    for rt in runtimes_for(model):
+        rt.reset()

@@ -1,0 +1,105 @@
+"""The ``fastcache`` torch.compile backend: a short pipeline of graph passes, then a lowering.
+
+    Dynamo graph ─ specialize_symints ─ find_blocks ─ outline_blocks ─┬─ insert_recording ─ lower  (init)
+                                                                        └─ insert_cache ───── lower  (cached)
+
+Variants are built at the first call with each input signature (so every compiled graph is
+static-shaped) and held by a ``CacheRuntime``, which carries the cache state between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import calibration as _calibration
+from .config import FastCacheConfig
+from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
+from .runtime import CacheRuntime, Variant
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh GraphModule over a copied graph (passes mutate; node metadata is shared, not copied)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    return new
+
+
+def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> Callable:
+    if lowering == "eager":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs))
+
+
+def _outlined(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
+    return outline_blocks(find_blocks(specialize_symints(_copy(gm), args)))
+
+
+def fastcache_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: FastCacheConfig | dict[str, Any] | None = None,
+) -> Callable:
+    """``torch.compile(model, backend="fastcache", options=...)`` lands here."""
+    config = FastCacheConfig.from_options(options)
+    try:
+        plan_probe = find_blocks(_copy(gm))
+    except BlockPlanError as err:
+        _warn_once(f"fastcache: {err}; compiling this graph without caching (lowering={config.lowering!r})")
+        return _lower(gm, example_inputs, config.lowering)
+    num_blocks = len(plan_probe.meta["fastcache_plan"].blocks)
+    calib = _calibration.load(config.calibration) if config.calibration is not None else None
+    form = config.approximation
+    if form == "auto":
+        form = calib.recommended if calib is not None else "reuse"
+    if form != "reuse" and calib is None:
+        raise ValueError(
+            f"approximation={form!r} needs fitted maps: pass calibration=<file from fastcache_compile.calibrate>"
+        )
+
+    def build(graph: fx.GraphModule, args: Sequence[Any]) -> Variant:
+        cached = _outlined(graph, args)
+        fingerprint = _calibration.graph_fingerprint(cached, list(args))
+        if calib is not None:
+            calib.check(cached, list(args))
+        params = calib.block_params(form) if calib is not None else None
+        cached = insert_cache(cached, config.threshold, config.alpha, form, params)
+        init = insert_recording(_outlined(graph, args))
+        n_out = cached.meta["fastcache_num_outputs"]
+        seq = cached.meta["fastcache_output_is_seq"]
+        init_fn = _lower(init, [*args, torch.tensor(0.0)], config.lowering)
+        # The cached variant is lowered lazily on its first call, with the real state as example.
+        lazy: dict[str, Callable] = {}
+
+        def cached_fn(*call_args: Any) -> Any:
+            if "fn" not in lazy:
+                lazy["fn"] = _lower(cached, call_args, config.lowering)
+            return lazy["fn"](*call_args)
+
+        return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint)
+
+    def plain() -> Callable:
+        _warn_once("fastcache: inputs require grad; running the uncached graph (caching is inference-only)")
+        return _lower(_copy(gm), example_inputs, config.lowering)
+
+    log.info("fastcache: %d blocks found", num_blocks)
+    return CacheRuntime(gm, example_inputs, config, build, plain)

@@ -35,6 +35,10 @@ from fastcache_compile import approx, rule
 from .outline_blocks import PREFIX
 
 
+# Active shadow recorders (see ``fastcache_compile.runtime.shadow_errors``).
+_SHADOW: list[list[tuple[int, float]]] = []
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """How one block's state is laid out in the flat state list."""
@@ -162,6 +166,11 @@ class CachedBlock(_BlockBase):
         operands = tuple(o.contiguous() for o in operands)
         outs = torch.ops.higher_order.cond(compute, run_block, predict, operands)
         outs = tuple(outs)
+        if _SHADOW and not torch.compiler.is_compiling() and not bool(compute):
+            # Benchmark-only check of the error bound (eager lowering): what would the block have given?
+            true = run_block(*operands)
+            err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
+            _SHADOW[-1].append((self.layout.index, err))
 
         # Functional state update: keep the old state where the block was skipped.
         res = self._residuals(args, outs)

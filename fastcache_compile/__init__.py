@@ -1,7 +1,7 @@
 """FastCache for Diffusion Transformers as a ``torch.compile`` backend.
 
-    model = torch.compile(model, backend="fastcache", options={"threshold": 0.05})
-    fastcache_compile.stats(model); fastcache_compile.reset(model)
+model = torch.compile(model, backend="fastcache", options={"threshold": 0.05})
+fastcache_compile.stats(model); fastcache_compile.reset(model)
 """
 
 from __future__ import annotations

@@ -131,9 +131,7 @@ class CacheRuntime:
         self.slots: OrderedDict[bytes, _Slot] = OrderedDict()
         self.stats = _Stats()
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self._param_ids = {
-            id(v) for n, v in zip(placeholders, example_inputs) if _is_module_state(n, v)
-        }
+        self._param_ids = {id(v) for n, v in zip(placeholders, example_inputs) if _is_module_state(n, v)}
         self._param_refs = [
             weakref.ref(v) for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.nn.Parameter)
         ]
@@ -169,15 +167,12 @@ class CacheRuntime:
 
     @staticmethod
     def _signature(args: Sequence[Any]) -> tuple:
-        return tuple(
-            (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a for a in args
-        )
+        return tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a for a in args)
 
     # -- call ------------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
         if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad and not isinstance(a, torch.nn.Parameter)
-            for a in args
+            isinstance(a, torch.Tensor) and a.requires_grad and not isinstance(a, torch.nn.Parameter) for a in args
         ):
             # A cache has no gradient; differentiate through the plain graph instead.
             if self._plain is None:
@@ -217,7 +212,9 @@ class CacheRuntime:
             outs = variant.cached(*args, *slot.state, step, torch.tensor(force))
         outs = list(outs)
         computed = outs[-1]
-        slot.state = outs[n_out:-1]
+        # Compiled variants are specialised to the strides of their example inputs; Inductor may hand
+        # back the state in another layout than the one it was first compiled with, so normalise it.
+        slot.state = [s.contiguous() for s in outs[n_out:-1]]
         slot.signature = sig
         if recorder is not None:
             recorder(self, key, slot.step, slot.state, variant)

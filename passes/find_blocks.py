@@ -95,9 +95,7 @@ def find_blocks(gm: fx.GraphModule) -> fx.GraphModule:
         if len(layers) >= 2 and len(families) == 1 and big:
             kept.extend((stack, layer) for layer in layers)
     if not kept:
-        raise BlockPlanError(
-            "no repeated transformer blocks found (a module list with >= 2 blocks of one class)"
-        )
+        raise BlockPlanError("no repeated transformer blocks found (a module list with >= 2 blocks of one class)")
 
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     kept.sort(key=lambda key: position[members[key][0]])

@@ -34,7 +34,6 @@ from fastcache_compile import approx, rule
 
 from .outline_blocks import PREFIX
 
-
 # Active shadow recorders (see ``fastcache_compile.runtime.shadow_errors``).
 _SHADOW: list[list[tuple[int, float]]] = []
 
@@ -110,7 +109,7 @@ class CachedBlock(_BlockBase):
         x = args[p].to(r_hat[k].dtype)
         xh = x_hat[self.layout.streams.index(p)].to(x.dtype)
         if self.form == "trajectory":
-            beta = getattr(self, "beta")
+            beta = self.beta
             return approx.trajectory(x, r_hat[k], r_prev[k], step, s, s_prev, beta)
         if self.form == "linear":
             return approx.linear(x, xh, r_hat[k], getattr(self, f"a_{k}"))
@@ -163,10 +162,14 @@ class CachedBlock(_BlockBase):
         operands = (*[args[i] for i in tensor_pos], *x_hat, *r_hat, *r_prev, step.float(), s, s_prev)
         # Inductor traces each branch with its operands' strides but may hand the branch a buffer of
         # another layout (e.g. the transposed patch embedding); contiguous operands avoid the mismatch.
-        operands = tuple(o.contiguous() for o in operands)
+        if _tracing(operands):
+            # ``.contiguous()`` alone can be dropped by Inductor; force the layout it must have.
+            operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
+        else:
+            operands = tuple(o.contiguous() for o in operands)
         outs = torch.ops.higher_order.cond(compute, run_block, predict, operands)
         outs = tuple(outs)
-        if _SHADOW and not torch.compiler.is_compiling() and not bool(compute):
+        if _SHADOW and not _tracing(operands) and not bool(compute):
             # Benchmark-only check of the error bound (eager lowering): what would the block have given?
             true = run_block(*operands)
             err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
@@ -181,6 +184,22 @@ class CachedBlock(_BlockBase):
         new_s_prev = torch.where(compute, s, s_prev)
         state_out = [*new_x_hat, *new_r_hat, *new_r_prev, new_s, new_s_prev]
         return (*outs, *state_out, compute)
+
+
+def _tracing(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """True while AOTAutograd / export trace the module (then layouts must be forced explicitly)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+
+
+def _contiguous_strides(t: torch.Tensor) -> list[int]:
+    strides, acc = [], 1
+    for size in reversed(t.shape):
+        strides.append(acc)
+        acc *= max(int(size), 1)
+    return strides[::-1]
 
 
 def _block_calls(gm: fx.GraphModule) -> list[fx.Node]:
@@ -232,7 +251,7 @@ def _rewrite(gm: fx.GraphModule, make_module, with_state_inputs: bool) -> fx.Gra
         gm.add_submodule(name, make_module(block, lay))
         extra: list[fx.Node] = []
         if with_state_inputs:
-            extra = new_inputs[cursor : cursor + lay.num_state] + [step_node, force_node]
+            extra = [*new_inputs[cursor:cursor + lay.num_state], step_node, force_node]
             cursor += lay.num_state
         else:
             extra = [step_node]
@@ -266,9 +285,7 @@ def insert_cache(
     params: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> fx.GraphModule:
     params = params or {}
-    return _rewrite(
-        gm, lambda block, lay: CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {})), True
-    )
+    return _rewrite(gm, lambda block, lay: CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {})), True)
 
 
 def insert_recording(gm: fx.GraphModule) -> fx.GraphModule:

@@ -63,9 +63,7 @@ def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def test_stats(
-    net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[np.ndarray, np.ndarray]:
+def test_stats(net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     return stats(features(net, test_subset[0]))
 
 
@@ -107,9 +105,7 @@ def test_fid_noise_is_huge(net: FeatureNet, fid_test: float) -> None:
     assert fid > MIN_NOISE_RATIO * fid_test
 
 
-def test_frechet_identical_is_zero_and_symmetric(
-    test_stats: tuple[np.ndarray, np.ndarray], fid_test: float
-) -> None:
+def test_frechet_identical_is_zero_and_symmetric(test_stats: tuple[np.ndarray, np.ndarray], fid_test: float) -> None:
     mu_ref, sigma_ref = reference_stats()
     assert abs(frechet_distance(mu_ref, sigma_ref, mu_ref, sigma_ref)) < 1e-6
     mu, sigma = test_stats

@@ -115,9 +115,7 @@ def main() -> None:
             "Small CNN trained on Fashion-MNIST train; its 128-d penultimate (post-ReLU) activations "
             "replace Inception-v3 pool3 features. FID-FMNIST values are not comparable with Inception FID."
         ),
-        "architecture": (
-            "3 x (2 x conv3x3-BN-ReLU, maxpool) widths 16/32/64 -> linear 1024->128 BN ReLU -> 10"
-        ),
+        "architecture": ("3 x (2 x conv3x3-BN-ReLU, maxpool) widths 16/32/64 -> linear 1024->128 BN ReLU -> 10"),
         "parameters": sum(t.numel() for t in net.parameters()),
         "storage_dtype": "float16",
         "input": "(N, 1, 32, 32) in [-1, 1], 28x28 Fashion-MNIST padded with -1",

@@ -63,7 +63,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + f" | {note} |")
     probe = meta.get("diffusers_probe", {})
     if probe:
-        lines += ["", "## diffusers cache hooks on DiTTransformer2DModel", "", "| config | status | detail |", "|---|---|---|"]
+        lines += [
+            "",
+            "## diffusers cache hooks on DiTTransformer2DModel",
+            "",
+            "| config | status | detail |",
+            "|---|---|---|",
+        ]
         for name, res in probe.items():
             lines.append(f"| `{name}` | {res['status']} | {res['detail']} |")
     lines += ["", f"Total benchmark wall time: {meta.get('wall_s', 0):.0f} s.", ""]

@@ -72,7 +72,10 @@ def _block_of(node: fx.Node) -> tuple[str, int, str] | None:
     return None
 
 
-def find_blocks(gm: fx.GraphModule) -> fx.GraphModule:
+_PARAM_NAME = re.compile(r"^l_self_(?:dict_)?modules_(.+?)_modules_(\d+)_")
+
+
+def _by_module_stack(gm: fx.GraphModule) -> tuple[dict[tuple[str, int], list[fx.Node]], dict[tuple[str, int], str]]:
     members: dict[tuple[str, int], list[fx.Node]] = defaultdict(list)
     family: dict[tuple[str, int], str] = {}
     for node in gm.graph.nodes:
@@ -84,6 +87,37 @@ def find_blocks(gm: fx.GraphModule) -> fx.GraphModule:
         stack, layer, fam = found
         members[(stack, layer)].append(node)
         family.setdefault((stack, layer), fam)
+    return members, family
+
+
+def _by_parameter_names(
+    gm: fx.GraphModule,
+) -> tuple[dict[tuple[str, int], list[fx.Node]], dict[tuple[str, int], str]]:
+    """Structural fallback: a block is the span of nodes from the first to the last reader of its
+    lifted parameters (graph order is execution order, and blocks run one after another)."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    span: dict[tuple[str, int], list[int]] = {}
+    for node in nodes:
+        if node.op != "placeholder":
+            continue
+        match = _PARAM_NAME.match(node.name.lower())
+        if match is None:
+            continue
+        key = (match.group(1), int(match.group(2)))
+        for user in node.users:
+            lo, hi = span.get(key, [len(nodes), -1])
+            span[key] = [min(lo, position[user]), max(hi, position[user])]
+    members: dict[tuple[str, int], list[fx.Node]] = defaultdict(list)
+    for key, (lo, hi) in span.items():
+        members[key] = [n for n in nodes[lo : hi + 1] if n.op in ("call_function", "call_method", "call_module")]
+    return members, {key: key[0] for key in members}
+
+
+def find_blocks(gm: fx.GraphModule) -> fx.GraphModule:
+    members, family = _by_module_stack(gm)
+    if not members:
+        members, family = _by_parameter_names(gm)
 
     by_stack: dict[str, list[int]] = defaultdict(list)
     for stack, layer in members:

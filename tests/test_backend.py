@@ -241,3 +241,24 @@ def test_backend_found_without_import():
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("ok")
+
+
+def test_structural_fallback_without_module_stack(built):
+    """Graphs without ``nn_module_stack`` metadata still get their blocks from parameter names."""
+    import fastcache_compile.backend as backend_mod
+
+    model, case = built["handwritten"], CASES["handwritten"]
+    ref = sample(model, case, steps=6)
+    original = backend_mod.fastcache_backend
+
+    def stripped(gm, example_inputs, options=None):
+        for node in gm.graph.nodes:
+            node.meta.pop("nn_module_stack", None)
+        return original(gm, example_inputs, options)
+
+    cm = torch.compile(model, backend=lambda gm, ex: stripped(gm, ex, {**EAGER, "threshold": 0.3}))
+    out = sample(cm, case, steps=6)
+    st = fc.stats(cm)
+    assert len(st["per_block_skipped"]) == len(model.blocks)
+    assert st["blocks_skipped"] > 0
+    assert (out - ref).norm() / ref.norm() < 0.2

@@ -32,7 +32,7 @@ def test_bad_options_raise(options, needle):
 
 
 def test_unknown_key_lists_allowed():
-    with pytest.raises(ValueError, match="allowed keys are .*threshold"):
+    with pytest.raises(ValueError, match=r"allowed keys are .*threshold"):
         FastCacheConfig.from_options({"foo": 1})
 
 

@@ -1,0 +1,326 @@
+"""Sweep FastCache and the cache baselines on the reference DiT and write one comparison report.
+
+    python -m benchmarks.compare [--quick] [--out benchmarks/results]
+
+Every method sees the same model (loaded once, so a checkpoint rewritten by a running training job
+cannot change mid-sweep), scheduler, labels and per-sample seeds. Each row: a short warm-up generation
+(for Inductor it holds the compile, reported as ``compile_s``), then all samples in fixed-size batches,
+timed per batch. Quality is against the uncached eager samples. Outputs: compare.json, compare.md,
+pareto_psnr.png, pareto_fid.png, samples_grid.png in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from tqdm import tqdm
+
+from benchmarks import baselines as bl
+from benchmarks import diffusers_hooks as dhk
+from benchmarks import report
+from benchmarks.fastcache_runs import Compiled, bound_violations, ensure_calibration, fastcache_options
+from benchmarks.metrics import PeakRss, compute_shares, psnr, rel_l2, ssim
+from benchmarks.reference.fid import fid_fmnist
+from benchmarks.reference.pipeline import DEFAULT_GUIDANCE, DEFAULT_PATH, load_reference, load_scheduler, sample
+
+SHIPPED_CALIBRATION = DEFAULT_PATH / "fastcache_calibration.safetensors"
+DEFAULT_STEPS = 50
+WARMUP_STEPS = 4  # warm-up generation: enough for both fastcache variants (init + cached) to compile
+OTHER_SEEDS = 1_000_000  # calibration / fitting seeds, disjoint from the evaluated ones
+
+
+@dataclass
+class Plan:
+    """What one mode sweeps. Thresholds chosen to span light to aggressive caching on this model."""
+
+    mode: str
+    samples: int
+    batch: int
+    steps: int
+    shadow_samples: int
+    fastcache_taus: tuple[float, ...]
+    eager_taus: tuple[float, ...]  # fastcache also with eager lowering at these τ
+    reuse_taus: tuple[float, ...]  # approximation="reuse" (inductor)
+    fora: tuple[int, ...]
+    fbc: tuple[float, ...]
+    teacache: tuple[float, ...]
+    diffusers_fbc: tuple[float, ...]
+    pab: tuple[int, ...]
+    taylorseer: tuple[int, ...]
+    magcache: tuple[float, ...]
+
+
+DEFAULT = Plan(
+    "default", 192, 64, DEFAULT_STEPS, 16, (0.05, 0.1, 0.2), (0.05, 0.1, 0.2), (0.1,),
+    (2, 3), (0.05, 0.1), (0.1, 0.3), (0.05, 0.1), (2, 3), (2, 3), (0.06, 0.2),
+)  # fmt: skip
+QUICK = Plan(
+    "quick", 16, 16, 20, 8, (0.1,), (0.05, 0.1), (), (2,), (0.1,), (0.3,), (0.1,), (2,), (2,), (0.2,),
+)  # fmt: skip
+
+
+class Bench:
+    """Runs one method over all samples and measures it."""
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, guidance: float, cfg: str, seed: int) -> None:
+        self.model, self.plan, self.guidance, self.cfg = model, plan, guidance, cfg
+        self.labels = torch.arange(plan.samples) % 10
+        self.seeds = [seed + i for i in range(plan.samples)]
+        self.scheduler = load_scheduler()
+        self.shares: dict[str, float] = {}
+        self.ref: torch.Tensor | None = None
+
+    def gen(self, model: Any, labels: torch.Tensor, seeds: list[int], steps: int | None = None) -> torch.Tensor:
+        steps = self.plan.steps if steps is None else steps
+        return sample(model, labels, seeds, steps, self.guidance, self.cfg, self.scheduler)  # type: ignore[arg-type]
+
+    def batch(self, model: Any, lo: int, hi: int, steps: int | None = None) -> torch.Tensor:
+        return self.gen(model, self.labels[lo:hi], self.seeds[lo:hi], steps)
+
+    def other_runs(self, generations: int, size: int) -> Callable[[Any], None]:
+        """``run(m)``: ``generations`` full-length generations of ``size`` samples with unused seeds."""
+
+        def run(m: Any) -> None:
+            for g in range(generations):
+                idx = range(g * size, (g + 1) * size)
+                self.gen(m, torch.tensor(list(idx)) % 10, [OTHER_SEEDS + i for i in idx])
+
+        return run
+
+    def run(self, runner: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
+        p = self.plan
+        row: dict[str, Any] = {"method": runner.method, "setting": runner.setting, "lowering": "eager"}
+        row["lowering"] = getattr(runner, "lowering", "eager")
+        row["key"] = f"{row['method']}|{row['setting']}|{row['lowering']}"
+        row["load_avg"] = round(os.getloadavg()[0], 2)
+        try:
+            with runner, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                self.batch(runner.model, 0, min(p.batch, p.samples), steps=WARMUP_STEPS)
+                warm = time.perf_counter() - t0
+                runner.clear_stats()
+                outs, times = [], []
+                with PeakRss() as mem:
+                    for lo in range(0, p.samples, p.batch):
+                        runner.reset()
+                        t0 = time.perf_counter()
+                        outs.append(self.batch(runner.model, lo, min(lo + p.batch, p.samples)))
+                        times.append(time.perf_counter() - t0)
+                row["flops_skipped"] = runner.flops_skipped(self.shares["attention_fraction_of_block"])
+                if isinstance(runner, Compiled) and runner.is_fastcache:
+                    row["compiled_variants"] = runner.stats().get("compiled_variants")
+        except Exception as err:  # one broken method must not sink the sweep: record why
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            return row, None
+        images = torch.cat(outs)
+        row["latency_s"] = sum(times) / len(times)
+        per_step = row["latency_s"] / p.steps
+        row["compile_s"] = max(0.0, warm - WARMUP_STEPS * per_step) if row["lowering"] == "inductor" else None
+        row["peak_mem_mb"] = mem.mb
+        row["notes"] = runner.notes
+        ideal = 1.0 / (1.0 - row["flops_skipped"] * self.shares["block_fraction"])
+        row["ideal_speedup"] = ideal
+        if self.ref is not None:
+            row.update(psnr=psnr(images, self.ref), ssim=ssim(images, self.ref), rel_l2=rel_l2(images, self.ref))
+        row["fid"] = fid_fmnist(images)
+        return row, images
+
+
+def _probe_diffusers(bench: Bench) -> dict[str, dict[str, str]]:
+    """Run every diffusers cache config once, briefly (4 samples, 10 steps), and record what happens."""
+    out: dict[str, dict[str, str]] = {}
+    plain = bench.batch(bench.model, 0, 4, steps=10)
+    for name, make in dhk.probe_configs(10).items():
+        method = dhk.DiffusersCache(bench.model, "probe", name, make)
+        try:
+            with method, warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                img = bench.batch(method.model, 0, 4, steps=10)
+            skipped = method.counter.block_skip_fraction(), method.counter.attention_skip_fraction()
+            detail = (
+                f"PSNR {psnr(img, plain):.1f} dB vs. uncached (10 steps); skipped: blocks {skipped[0]:.0%}, "
+                f"attention {skipped[1]:.0%}"
+            )
+            status = "ok" if skipped != (0.0, 0.0) else "runs, skips nothing"
+        except Exception as err:
+            status, detail = "fails", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        out[name] = {"status": status, "detail": detail}
+    return out
+
+
+def _quiet() -> Any:
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def _baselines(bench: Bench, meta: dict[str, Any]) -> list[Any]:
+    """Runners for every baseline setting (fits TeaCache's polynomial and MagCache's ratios first)."""
+    p, m = bench.plan, bench.model
+    runners: list[Any] = [bl.Fora(m, n) for n in p.fora]
+    runners += [bl.FirstBlockCache(m, t) for t in p.fbc]
+    if p.teacache:
+        with torch.no_grad():
+            fit = bl.fit_teacache(m, bench.other_runs(2, 8))
+        meta["teacache_fit"] = fit
+        runners += [bl.TeaCache(m, t, fit["coefficients"], p.steps) for t in p.teacache]
+    runners += [dhk.first_block_cache(m, t) for t in p.diffusers_fbc]
+    runners += [dhk.PyramidBroadcast(m, r) for r in p.pab]
+    runners += [dhk.taylorseer(m, i) for i in p.taylorseer]
+    if p.magcache:
+        ratios = dhk.calibrate_magcache(m, bench.other_runs(1, 8), p.steps)
+        meta["magcache_ratios"] = ratios
+        runners += [dhk.magcache(m, t, ratios, p.steps) for t in p.magcache]
+    return runners
+
+
+def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: float) -> list[Any]:
+    """fastcache rows; fits (or reuses) the calibration first and records it in ``meta``."""
+    p, m = bench.plan, bench.model
+    probe_x = torch.randn(2, 1, 32, 32)
+
+    def probe(c: Any) -> Any:
+        return c(hidden_states=probe_x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([0, 10]))
+
+    meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(4, 4), probe)
+    form = meta["calibration"]["recommended"]
+    runners: list[Any] = []
+    for tau in sorted(set(p.fastcache_taus) | set(p.eager_taus)):
+        lowerings = [low for low, taus in (("inductor", p.fastcache_taus), ("eager", p.eager_taus)) if tau in taus]
+        for low in lowerings:
+            opts = fastcache_options(tau, "auto", low, p.steps, calib, alpha)
+            runners.append(Compiled(m, "fastcache", f"τ={tau:g}", low, opts))
+            runners[-1].notes = f"approximation auto → {form}"
+    for tau in p.reuse_taus:
+        opts = fastcache_options(tau, "reuse", "inductor", p.steps, None, alpha)
+        runners.append(Compiled(m, "fastcache-reuse", f"τ={tau:g}", "inductor", opts))
+    return runners
+
+
+def _env(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few samples/settings, 20 steps: a ~3 minute smoke run")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--samples", type=int, help="override the mode's sample count (same for every method)")
+    ap.add_argument("--batch", type=int, help="override the mode's batch size")
+    ap.add_argument("--steps", type=int, help="override the mode's DDIM step count")
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--cfg", choices=("batch", "split"), default="batch")
+    ap.add_argument("--alpha", type=float, default=0.05, help="fastcache significance level")
+    ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    # One thread by default: the reference machine has 2 cores shared with other jobs, where two
+    # threads oversubscribe and make timings noisier (measured 3x slower) rather than faster.
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=DEFAULT_PATH)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = QUICK if args.quick else DEFAULT
+    over = {k: getattr(args, k) for k in ("samples", "batch", "steps") if getattr(args, k) is not None}
+    plan = dataclasses.replace(plan, **over)
+    start = time.perf_counter()
+    model = load_reference(args.model)
+    bench = Bench(model, plan, args.guidance, args.cfg, args.seed)
+    b = 2 * min(plan.batch, plan.samples)
+    x, t, y = torch.randn(b, 1, 32, 32), torch.full((b,), 500), torch.arange(b) % 11
+    bench.shares = compute_shares(model, lambda: model(hidden_states=x, timestep=t, class_labels=y, return_dict=False))
+    log = Path(args.model) / "training_log.json"
+    meta: dict[str, Any] = {
+        **_env(args.threads),
+        "mode": plan.mode + ("" if plan.steps == DEFAULT_STEPS else f" ({plan.steps} steps, not {DEFAULT_STEPS})"),
+        "plan": dataclasses.asdict(plan),
+        "samples": plan.samples,
+        "steps": plan.steps,
+        "batch": plan.batch,
+        "guidance": args.guidance,
+        "cfg": args.cfg,
+        "seeds": [args.seed, args.seed + plan.samples - 1],
+        "warmup_steps": WARMUP_STEPS,
+        "checkpoint": str(args.model),
+        "checkpoint_training_steps": (__import__("json").loads(log.read_text()).get("steps") if log.exists() else None),
+        "compute_shares": bench.shares,
+        "peak_mem_method": "peak RSS growth during the timed generations (VmHWM reset via /proc/self/clear_refs)",
+        "load_avg_start": os.getloadavg(),
+    }
+    calib = SHIPPED_CALIBRATION if plan.steps == DEFAULT_STEPS and args.model == DEFAULT_PATH else None
+    calib = calib or args.out / f"fastcache_calibration_{plan.steps}steps.safetensors"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    print("preparing: fastcache calibration, TeaCache polynomial, MagCache ratios ...", flush=True)
+    reference = bl.Baseline(model)
+    runners: list[Any] = [reference, Compiled(model, "none", "-", "inductor")]
+    runners += _fastcache_runners(bench, meta, calib, args.alpha)
+    runners += _baselines(bench, meta)
+
+    rows: list[dict[str, Any]] = []
+    images: dict[str, torch.Tensor] = {}
+    shadows: dict[tuple, tuple[float | None, int]] = {}
+    for runner in tqdm(runners, desc="methods", unit="row"):
+        row, img = bench.run(runner)
+        if runner is reference:
+            if img is None:
+                raise RuntimeError(f"the uncached reference run failed: {row.get('error')}")
+            bench.ref = img
+            row.update(psnr=None, ssim=1.0, rel_l2=0.0)
+        if isinstance(runner, Compiled) and runner.is_fastcache:
+            key = (runner.options["threshold"], runner.options["approximation"])
+            if key not in shadows:
+                shadows[key] = bound_violations(model, runner.options, lambda m: bench.batch(m, 0, plan.shadow_samples))
+            row["bound_violations"], row["shadow_skips"] = shadows[key]
+            row["alpha"] = args.alpha
+        rows.append(row)
+        if img is not None:
+            images[row["key"]] = img[:10]
+        tqdm.write(f"  {row['key']}: " + (row.get("error") or f"{row['latency_s']:.2f} s/batch"))
+
+    base = {r["lowering"]: r["latency_s"] for r in rows if r["method"] == "none" and "latency_s" in r}
+    for r in rows:
+        if "latency_s" in r and r["lowering"] in base:
+            r["speedup"] = base[r["lowering"]] / r["latency_s"]
+            r["speedup_vs_ideal"] = r["speedup"] / r["ideal_speedup"]
+    print("probing diffusers cache configs ...", flush=True)
+    meta["diffusers_probe"] = _probe_diffusers(bench)
+    meta["load_avg_end"] = os.getloadavg()
+    meta["wall_s"] = time.perf_counter() - start
+    report.write(args.out, rows, meta, images)
+    print((args.out / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.json, compare.md, pareto_psnr.png, pareto_fid.png, samples_grid.png")
+
+
+if __name__ == "__main__":
+    main()

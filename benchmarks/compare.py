@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": [args.seed, args.seed + plan.samples - 1],
         "warmup_steps": WARMUP_STEPS,
         "checkpoint": str(args.model),
-        "checkpoint_training_steps": (__import__("json").loads(log.read_text()).get("steps") if log.exists() else None),
+        "checkpoint_training_steps": json.loads(log.read_text()).get("steps") if log.exists() else None,
         "compute_shares": bench.shares,
         "peak_mem_method": "peak RSS growth during the timed generations (VmHWM reset via /proc/self/clear_refs)",
         "load_avg_start": os.getloadavg(),

@@ -14,6 +14,7 @@ Each is warmed up (one full generation, which includes compilation) and then tim
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -62,8 +63,8 @@ def sample(model, steps: int, batch: int = 2, seed: int = 0, guidance: float = 3
     y = torch.cat([labels, torch.full_like(labels, 10)])
     sig = torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
-        for s, s_next in zip(sig[:-1], sig[1:]):
-            t = torch.full((2 * batch,), int(round(999 * float(s))), dtype=torch.long)
+        for s, s_next in itertools.pairwise(sig):
+            t = torch.full((2 * batch,), round(999 * float(s)), dtype=torch.long)
             out = model(torch.cat([x, x]), t, y)
             out = out.sample if hasattr(out, "sample") else out
             cond, uncond = out.chunk(2)

@@ -1,4 +1,14 @@
-"""Offline export of the rewritten model (ONNX + manifest, TensorRT engines): not implemented yet.
+"""Offline export of the FastCache-rewritten model for deployment without the Python model code.
 
-Tracked as its own issue; importing this package is harmless, calling it says so.
+    export_onnx(model, example_kwargs, "out/dit", threshold=0.1)     # init/cached ONNX graphs + manifest.json
+    m = load_exported("out/dit")                                     # ONNX Runtime, same call signature
+    export_tensorrt("out/dit", "out/dit-trt")                         # serialized TensorRT engines (untested here)
+
+onnx / onnxruntime / tensorrt are optional dependencies, imported when these functions are called.
 """
+
+from .onnx import export_onnx
+from .runner import ExportedModel, load_exported
+from .tensorrt import export_tensorrt
+
+__all__ = ["ExportedModel", "export_onnx", "export_tensorrt", "load_exported"]

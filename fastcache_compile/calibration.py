@@ -223,7 +223,7 @@ def calibrate(
     path: str | os.PathLike[str] | None = None,
     *,
     ridge: float = 1e-3,
-    max_rows: int = 2048,
+    max_rows: int = 1024,
 ) -> Calibration:
     """Fit the skip-path maps of ``model`` from full computations driven by ``run``.
 
@@ -249,14 +249,17 @@ def calibrate(
         raise ValueError(
             "calibrate recorded no usable generation: run(m) must call m for at least 3 steps of one generation"
         )
-    # Hold out every fourth generation (or, with few generations, score in-sample) to pick the form.
-    held = seqs[3::4] if len(seqs) >= 4 else seqs
+    # Pick the form on generations the fit did not see (every fourth, at least the last one); a
+    # single generation can only be scored in-sample, which favours the D×D maps.
+    held = seqs[3::4] or seqs[-1:]
     train = [s for s in seqs if all(s is not h for h in held)] or seqs
+    heldout = train is not seqs
     scores = _score(held, rec.layouts, _fit(train, rec.layouts, ridge))
     tensors = _fit(seqs, rec.layouts, ridge)
     recommended = min(scores, key=scores.get)
     metrics = {
         "heldout_rel_error": scores,
+        "scored_on_heldout_generations": heldout,
         "generations": len(seqs),
         "steps": sum(len(s) for s in seqs),
         "beta": [float(tensors[f"beta.{i}"]) for i in range(len(rec.layouts))],

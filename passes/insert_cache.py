@@ -251,7 +251,7 @@ def _rewrite(gm: fx.GraphModule, make_module, with_state_inputs: bool) -> fx.Gra
         gm.add_submodule(name, make_module(block, lay))
         extra: list[fx.Node] = []
         if with_state_inputs:
-            extra = [*new_inputs[cursor:cursor + lay.num_state], step_node, force_node]
+            extra = [*new_inputs[cursor : cursor + lay.num_state], step_node, force_node]
             cursor += lay.num_state
         else:
             extra = [step_node]

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
-from models import CASES, TinyDiT, sample
 from torch import nn
 
 import fastcache_compile as fc
 from fastcache_compile.runtime import shadow_errors
+from models import CASES, TinyDiT, sample
 
 EAGER = {"lowering": "eager"}
 

@@ -1,0 +1,352 @@
+"""Export the rewritten model to ONNX: per input signature an ``init`` and a ``cached`` graph.
+
+    model ─ Dynamo capture ─ _outlined ─┬─ insert_recording ─ torch.onnx.export ─ init_<k>.onnx
+                                         └─ insert_cache ───── torch.onnx.export ─ cached_<k>.onnx   (one If per block)
+
+Both graphs are the backend's own rewritten graphs (DESIGN.md, "Compiler design"): state is explicit,
+so the cached graph takes ``(*user inputs, *state, fc_step, fc_force)`` and returns
+``(*outputs, *new state, fc_computed)``, and each block's ``torch.cond`` becomes an ONNX ``If`` node.
+Parameters are held as buffers of a wrapper module, so they become initializers. τ, α, the χ²
+thresholds and any fitted maps are constants of the cached graph; the manifest records them with
+the state layout, input roles and the model fingerprint for ``runner.load_exported``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastcache_compile.passes import insert_cache, insert_recording
+from torch import fx, nn
+
+from fastcache_compile import __version__, rule
+from fastcache_compile import calibration as _calibration
+from fastcache_compile.backend import _outlined
+from fastcache_compile.config import FastCacheConfig
+from fastcache_compile.runtime import _is_module_state
+
+from . import _manifest
+from .runner import input_roles
+
+log = logging.getLogger(__name__)
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+def _force_stride_order(x: Any, stride: Sequence[int]) -> Any:
+    # ONNX tensors have no strides: the layout hint insert_cache adds while tracing is an identity.
+    from onnxscript import opset18 as op
+
+    return op.Identity(x)
+
+
+def _squeeze_dims(x: Any, dims: Sequence[int]) -> Any:
+    # torch's squeeze of a dimension whose size is not 1 is a no-op; ONNX Squeeze rejects it
+    # (onnxscript 0.7 emits it anyway: PixArt's ``hidden_states.squeeze(1)`` on (B, N, C)).
+    from onnxscript import opset18 as op
+
+    shape = x.shape
+    if shape is not None:
+        dims = [d for d in dims if len(shape) and not (isinstance(shape[d], int) and shape[d] != 1)]
+    if not dims:
+        return op.Identity(x)
+    return op.Squeeze(x, op.Constant(value_ints=list(dims)))
+
+
+def _squeeze_dim(x: Any, dim: int) -> Any:
+    return _squeeze_dims(x, [dim])
+
+
+def _translations() -> dict[Callable, Callable]:
+    return {
+        torch.ops.prims.inductor_force_stride_order.default: _force_stride_order,
+        torch.ops.aten.squeeze.dim: _squeeze_dim,
+        torch.ops.aten.squeeze.dims: _squeeze_dims,
+    }
+
+
+def capture(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[fx.GraphModule, list[Any], Any]:
+    """(Dynamo graph, its example inputs, the eager output) of one call, as the backend would see it."""
+    graphs: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def grab(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    base = getattr(model, "_orig_mod", model)
+    with torch.no_grad():
+        out = torch.compile(base, backend=grab, fullgraph=True)(**kwargs)
+    if len(graphs) != 1:
+        raise ValueError(f"expected one Dynamo graph for the model call, got {len(graphs)}")
+    return graphs[0][0], graphs[0][1], out
+
+
+class _Rewritten(nn.Module):
+    """A rewritten graph with the model's parameters as buffers and only user inputs as arguments."""
+
+    def __init__(self, gm: fx.GraphModule, kinds: list[str], example_inputs: list[Any]) -> None:
+        super().__init__()
+        self.graph_module = gm
+        self.kinds = kinds  # per Dynamo placeholder: "param", "input" or "const"
+        self.consts = {i: v for i, (k, v) in enumerate(zip(kinds, example_inputs)) if k == "const"}
+        for i, (kind, value) in enumerate(zip(kinds, example_inputs)):
+            if kind == "param":
+                self.register_buffer(f"p{i}", value.detach())
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args: list[Any] = []
+        rest = iter(flat)
+        for i, kind in enumerate(self.kinds):
+            if kind == "param":
+                args.append(getattr(self, f"p{i}"))
+            else:
+                args.append(self.consts[i] if kind == "const" else next(rest))
+        return tuple(self.graph_module(*args, *rest))
+
+
+def _classify(gm: fx.GraphModule, args: list[Any], leaves: dict[str, Any]) -> tuple[list[str], list[str | None]]:
+    """Per placeholder its kind and, for user inputs, the kwargs path it is fed from."""
+    by_id = {id(v): name for name, v in leaves.items()}
+    kinds, names = [], []
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], args):
+        if isinstance(value, torch.Tensor) and _is_module_state(node, value):
+            kinds.append("param")
+            names.append(None)
+        elif isinstance(value, torch.Tensor):
+            if id(value) not in by_id:
+                raise ValueError(f"graph input {node.name!r} is not one of the call's tensors; cannot name it")
+            kinds.append("input")
+            names.append(by_id[id(value)])
+        else:  # a Python number Dynamo lifted; specialize_symints baked its value into the graph
+            kinds.append("const")
+            names.append(None)
+    return kinds, names
+
+
+def _export_graph(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
+    with warnings.catch_warnings():
+        # torch's own exporter internals trip a deprecation of its pytree API; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=inputs,
+            output_names=outputs,
+            custom_translation_table=_translations(),
+            verbose=False,
+        )
+    program.save(path)
+    import onnx
+
+    # Path-based (works past the 2 GB protobuf limit); full_check adds strict shape inference, which
+    # catches ops ONNX Runtime would refuse to load.
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _verify(module: nn.Module, args: tuple, path: Path, names: list[str]) -> None:
+    """The ONNX graph under ONNX Runtime gives the rewritten torch graph's outputs on the example."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed: %s was not run after export", path.name)
+        return
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    used = {i.name for i in session.get_inputs()}
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args) if n in used})
+    with torch.no_grad():
+        want = module(*args)
+    for name, g, w in zip([o.name for o in session.get_outputs()], got, want):
+        g = torch.from_numpy(g)
+        if g.shape != w.shape or not torch.allclose(g.to(w.dtype), w, rtol=1e-3, atol=1e-4):
+            err = (g.to(w.dtype) - w).abs().max() if g.shape == w.shape else f"shape {tuple(g.shape)}"
+            raise RuntimeError(f"{path.name}: output {name!r} differs from the torch graph ({err}); please report")
+
+
+def _output_info(out: Any, base: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(out, torch.Tensor):
+        return {"kind": "tensor"}
+    if isinstance(out, (tuple, list)):
+        info: dict[str, Any] = {"kind": "tuple"}
+        if type(base).__module__.startswith("diffusers") and kwargs.get(_manifest.OUTPUT_SWITCH) is False:
+            info["fields"] = ["sample"]  # what diffusers returns with return_dict=True
+        return info
+    fields = list(out.keys()) if isinstance(out, Mapping) else []
+    return {"kind": "object", "class": f"{type(out).__module__}.{type(out).__qualname__}", "fields": fields}
+
+
+def _export_variant(
+    model: nn.Module,
+    kwargs: Mapping[str, Any],
+    directory: Path,
+    k: int,
+    config: FastCacheConfig,
+    form: str,
+    calib: _calibration.Calibration | None,
+    say: Callable[[str], None],
+    verify: bool,
+) -> dict[str, Any]:
+    tmpl, leaves = _manifest.template(kwargs)
+    torch_kwargs = _manifest.rebuild(tmpl, {n: torch.as_tensor(v) for n, v in leaves.items()})
+    _, leaves = _manifest.template(torch_kwargs)  # the tensors Dynamo will see, for identity matching
+    say(f"[{k}] capturing the Dynamo graph")
+    gm, args, eager_out = capture(model, torch_kwargs)
+    kinds, names = _classify(gm, args, leaves)
+    outlined = _outlined(gm, args)
+    fingerprint = _calibration.graph_fingerprint(outlined, args)
+    if calib is not None:
+        calib.check(outlined, args)
+    cached = insert_cache(outlined, config.threshold, config.alpha, form, calib.block_params(form) if calib else None)
+    init = insert_recording(_outlined(gm, args))
+    layouts = cached.meta["fastcache_layouts"]
+    n_out = cached.meta["fastcache_num_outputs"]
+
+    user = [a for a, kind in zip(args, kinds) if kind == "input"]
+    user_names = [n for n in names if n is not None]
+    state_names = [n.name for n in cached.graph.nodes if n.op == "placeholder" and n.name.startswith("fc_")][:-2]
+    outputs = [f"output_{i}" for i in range(n_out)] + [f"{s}_new" for s in state_names] + ["fc_computed"]
+    init_module, cached_module = _Rewritten(init, kinds, args).eval(), _Rewritten(cached, kinds, args).eval()
+    with torch.no_grad():
+        state = list(init_module(*user, torch.tensor(0.0))[n_out:-1])
+    init_file, cached_file = f"init_{k}.onnx", f"cached_{k}.onnx"
+    say(f"[{k}] exporting {init_file}")
+    init_args, init_inputs = (*user, torch.tensor(0.0)), [*user_names, "fc_step"]
+    _export_graph(init_module, init_args, init_inputs, outputs, directory / init_file)
+    say(f"[{k}] exporting {cached_file} ({len(layouts)} blocks as ONNX If)")
+    cached_args = (*user, *state, torch.tensor(1.0), torch.tensor(False))
+    cached_inputs = [*user_names, *state_names, "fc_step", "fc_force"]
+    _export_graph(cached_module, cached_args, cached_inputs, outputs, directory / cached_file)
+    if verify:
+        say(f"[{k}] checking both graphs under ONNX Runtime")
+        _verify(init_module, init_args, directory / init_file, init_inputs)
+        for force in (True, False):  # both sides of every If
+            _verify(cached_module, (*cached_args[:-1], torch.tensor(force)), directory / cached_file, cached_inputs)
+
+    blocks, cursor = [], 0
+    for lay in layouts:
+        dof = sum(state[cursor + j].numel() for j in range(len(lay.streams)))  # x̂ has the stream shapes
+        blocks.append(
+            {
+                "index": lay.index,
+                "streams": list(lay.streams),
+                "pairs": list(lay.pairs),
+                "state": state_names[cursor : cursor + lay.num_state],
+                "dof": dof,
+                "chi2_threshold": rule.skip_threshold(config.threshold, config.alpha, dof),
+            }
+        )
+        cursor += lay.num_state
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph_names = [n.name for n, kind in zip(placeholders, kinds) if kind == "input"]
+    return {
+        "init": init_file,
+        "cached": cached_file,
+        "template": tmpl,
+        "inputs": [
+            {"name": n, "graph_name": g, "shape": list(a.shape), "dtype": _manifest.dtype_name(a.dtype)}
+            for n, g, a in zip(user_names, graph_names, user)
+        ],
+        "num_outputs": n_out,
+        "seq_output": bool(cached.meta["fastcache_output_is_seq"]),
+        "output": _output_info(eager_out, getattr(model, "_orig_mod", model), kwargs),
+        "blocks": blocks,
+        "fingerprint": fingerprint,
+    }
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    # diffusers models carry a config dict pipelines read (in_channels, sample_size); keep its JSON part.
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    return {k: v for k, v in config.items() if _json_safe(v)}
+
+
+def _json_safe(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_json_safe(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_safe(v) for k, v in value.items())
+    return isinstance(value, (type(None), bool, int, float, str))
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    verify: bool = True,
+    **options: Any,
+) -> Path:
+    """Export the FastCache-rewritten ``model`` to ONNX files plus ``manifest.json`` in directory ``path``.
+
+    ``example_inputs`` are the keyword arguments of one model call (or a list of them: one graph pair
+    per input signature, e.g. batch 1 and the CFG batch 2). ``options`` are those of the backend
+    (``FastCacheConfig``: threshold, alpha, warmup_steps, num_steps, calibration, approximation,
+    max_streams); ``lowering`` is ignored. Graphs are static-shaped, like the backend's variants.
+    ``verify`` runs every graph once under ONNX Runtime (when installed) against the torch graph.
+    Returns the directory; load it with ``fastcache_compile.export.load_exported``.
+    """
+    import onnx
+
+    say = progress or log.info
+    config = FastCacheConfig.from_options(options)
+    calib = _calibration.load(config.calibration) if config.calibration is not None else None
+    form = config.approximation
+    if form == "auto":
+        form = calib.recommended if calib is not None else "reuse"
+    if form != "reuse" and calib is None:
+        raise ValueError(f"approximation={form!r} needs fitted maps: pass calibration=<file from calibrate>")
+    examples = [example_inputs] if isinstance(example_inputs, Mapping) else list(example_inputs)
+    if not examples:
+        raise ValueError("example_inputs must be the kwargs of one model call (or a non-empty list of them)")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)
+    if model.training:
+        raise ValueError("the model is in training mode (dropout would be exported): call model.eval() first")
+    variants = [
+        _export_variant(model, ex, directory, k, config, form, calib, say, verify) for k, ex in enumerate(examples)
+    ]
+    if calib is not None:
+        shutil.copyfile(config.calibration, directory / CALIBRATION_FILE)  # the maps are graph constants too
+    for v in variants:
+        for spec, role in zip(v["inputs"], input_roles(v["inputs"])):
+            spec["role"] = role  # timestep / conditioning (selects the state slot) / latent
+    fingerprint = variants[0].pop("fingerprint")
+    for v in variants[1:]:
+        if v.pop("fingerprint") != fingerprint:
+            raise ValueError("the example inputs trace different block structures; export them separately")
+    manifest = {
+        "format": _manifest.FORMAT,
+        "format_version": _manifest.FORMAT_VERSION,
+        "fastcache_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "opset": onnx.load(str(directory / variants[0]["cached"]), load_external_data=False).opset_import[0].version,
+        "config": {
+            "threshold": config.threshold,
+            "alpha": config.alpha,
+            "approximation": form,
+            "warmup_steps": config.warmup_steps,
+            "num_steps": config.num_steps,
+            "max_streams": config.max_streams,
+        },
+        "calibration": None
+        if calib is None
+        else {"file": CALIBRATION_FILE, "recommended": calib.recommended, "metrics": calib.metrics},
+        "fingerprint": fingerprint,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_config": _model_config(model),
+        "variants": variants,
+    }
+    _manifest.write(directory, manifest)
+    say(f"wrote {len(variants) * 2} ONNX graphs and {_manifest.MANIFEST} to {directory}")
+    return directory

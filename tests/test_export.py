@@ -1,0 +1,157 @@
+"""ONNX export + ONNX Runtime runner reproduce the backend: same outputs, same per-block skips."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import fastcache_compile as fc
+from fastcache_compile.export import export_onnx, export_tensorrt, load_exported
+from models import CASES, sample, split_inputs
+
+pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'fastcache-compile[onnx]')")
+pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install 'fastcache-compile[onnx]')")
+pytest.importorskip("onnxruntime", reason="the exported-model runner needs onnxruntime (pip install onnxruntime)")
+
+NAMES = ["dit", "pixart"]
+TAU = 0.3  # large enough that tiny random models skip blocks within 8 steps
+STEPS = 8
+OPTIONS = {"warmup_steps": 1}
+
+
+def _example(name: str) -> dict:
+    case = CASES[name]
+    x, cond = split_inputs(case.make_inputs(1, torch.Generator().manual_seed(0)))
+    return {"hidden_states": x, "timestep": torch.tensor([999]), **cond, "return_dict": False}
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {name: CASES[name].build() for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory):
+    """Export directories: every case at τ > 0 (checked under ORT at export time) and the DiT at τ = 0.
+
+    Exports dominate this file's run time (~5 s per graph on a loaded 2-core machine), hence one τ = 0 export.
+    """
+    out = {}
+    for name, tau in [*((n, TAU) for n in NAMES), ("dit", 0.0)]:
+        path = tmp_path_factory.mktemp(f"{name}-{tau}")
+        out[name, tau] = export_onnx(built[name], _example(name), path, threshold=tau, verify=tau > 0, **OPTIONS)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "tau", "overrides"),
+    [
+        ("dit", 0.0, {}),  # τ = 0 baked into the graph: the χ² test never passes
+        ("pixart", TAU, {"warmup_steps": STEPS}),  # τ > 0 graph, every step forced by the runtime
+    ],
+)
+def test_all_computed_matches_uncached(built, exported, name, tau, overrides):
+    ref = sample(built[name], CASES[name], batch=1, cfg="split", steps=STEPS)
+    runner = load_exported(exported[name, tau], **overrides)
+    out = sample(runner, CASES[name], batch=1, cfg="split", steps=STEPS)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    st = runner.stats()
+    assert st["blocks_skipped"] == 0 and st["calls"] == 2 * STEPS and st["generations"] == 2  # cond + uncond
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skips_match_backend(built, exported, name):
+    case = CASES[name]
+    compiled = torch.compile(
+        built[name], backend="fastcache", options={"lowering": "eager", "threshold": TAU, **OPTIONS}, fullgraph=True
+    )
+    ref = sample(compiled, case, batch=1, cfg="split", steps=STEPS)
+    runner = load_exported(exported[name, TAU])
+    out = sample(runner, case, batch=1, cfg="split", steps=STEPS)
+    mine, theirs = runner.stats(), fc.stats(compiled)
+    assert mine["blocks_skipped"] > 0
+    for key in ("calls", "generations", "blocks_computed", "blocks_skipped", "per_block_skipped", "skip_ratio"):
+        assert mine[key] == theirs[key], key
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # A second sampling run is a new generation (the timestep jumps back up): same result again.
+    again = sample(runner, case, batch=1, cfg="split", steps=STEPS)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    assert runner.stats()["generations"] == 4
+    runner.reset()
+    assert runner.stats()["calls"] == 0
+
+
+def test_manifest_records_layout_and_roles(exported):
+    manifest = json.loads((exported["pixart", TAU] / "manifest.json").read_text())
+    assert manifest["config"]["threshold"] == TAU and manifest["config"]["approximation"] == "reuse"
+    variant = manifest["variants"][0]
+    roles = {i["name"]: i["role"] for i in variant["inputs"]}
+    assert roles == {
+        "hidden_states": "latent",
+        "timestep": "timestep",
+        "encoder_hidden_states": "conditioning",
+        "encoder_attention_mask": "conditioning",
+    }
+    assert len(variant["blocks"]) == manifest["fingerprint"]["num_blocks"] == 2
+    assert all(b["chi2_threshold"] > 0 for b in variant["blocks"])
+
+
+def test_numpy_inputs_and_output_kinds(exported):
+    runner = load_exported(exported["dit", TAU])
+    kwargs = _example("dit")
+    want = runner(**kwargs)[0]
+    runner.reset()
+    as_numpy = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    got = runner(**as_numpy)
+    assert isinstance(got, tuple) and isinstance(got[0], np.ndarray)
+    np.testing.assert_allclose(got[0], want.numpy(), rtol=0, atol=0)
+    runner.reset()
+    obj = runner(**{k: v for k, v in kwargs.items() if k != "return_dict"})  # diffusers' default
+    torch.testing.assert_close(obj.sample, want, rtol=0, atol=0)
+
+
+def test_rejects_wrong_manifest_model_and_calls(built, exported, tmp_path):
+    src = exported["dit", TAU]
+    manifest = json.loads((src / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 999}))
+    with pytest.raises(ValueError, match="version 999"):
+        load_exported(tmp_path)
+    with pytest.raises(ValueError, match="param_hash"):
+        load_exported(src, model=_perturbed())
+    load_exported(src, model=built["dit"])  # the exported model itself passes the check
+    with pytest.raises(ValueError, match="runtime options"):
+        load_exported(src, threshold=0.1)
+    runner = load_exported(src)
+    kwargs = _example("dit")
+    with pytest.raises(ValueError, match="no exported graph for input shapes"):
+        runner(**{**kwargs, "hidden_states": torch.zeros(2, 4, 8, 8), "timestep": torch.tensor([9, 9])})
+    with pytest.raises(ValueError, match="exported with"):
+        runner(**kwargs, cross_attention_kwargs={"scale": 1.0})
+
+
+def _perturbed() -> torch.nn.Module:
+    other = CASES["dit"].build()
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    return other
+
+
+def test_tensorrt_missing_is_a_clear_import_error(exported, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="TensorRT"):
+            export_tensorrt(exported["dit", TAU], tmp_path)
+    else:
+        pytest.skip("tensorrt is installed: see test_tensorrt_engines")
+
+
+def test_tensorrt_engines(exported, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (and needs an NVIDIA GPU)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need an NVIDIA GPU")
+    out = export_tensorrt(exported["dit", TAU], tmp_path)
+    assert (out / "cached_0.engine").stat().st_size > 0
+    shutil.rmtree(out)

@@ -229,11 +229,27 @@ class TeaCache(_BlockWrap):
 
     method = "teacache"
 
-    def __init__(self, model: torch.nn.Module, threshold: float, coefficients: np.ndarray, num_steps: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        threshold: float,
+        coefficients: np.ndarray | list[float],
+        num_steps: int,
+        input_range: tuple[float, float] | list[float] | None = None,
+    ) -> None:
         super().__init__(model, f"thr={threshold:g}")
         self.threshold = threshold
-        self.rescale = np.poly1d(coefficients)
+        self.poly = np.poly1d(coefficients)
         self.num_steps = num_steps
+        self.input_range = input_range
+
+    def rescale(self, change: float) -> float:
+        # Deviation from TeaCache, which evaluates the polynomial anywhere: a degree-4 fit turns negative
+        # just outside its data on this model (a large change would then *lower* the accumulator and
+        # trigger skips), so the change is clipped to the fitted range and the result to >= 0.
+        if self.input_range is not None:
+            change = min(max(change, self.input_range[0]), self.input_range[1])
+        return max(0.0, float(self.poly(change)))
 
     def _forward(self, i: int, run: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         st = self._stream(x, kwargs)
@@ -244,7 +260,7 @@ class TeaCache(_BlockWrap):
             if st.prev_mod is None or st.stack_res is None or st.step == 0 or st.step >= self.num_steps - 1:
                 st.skip, st.acc = False, 0.0
             else:
-                st.acc += float(self.rescale(rel_l1(mod, st.prev_mod)))
+                st.acc += self.rescale(rel_l1(mod, st.prev_mod))
                 st.skip = st.acc < self.threshold
                 if not st.skip:
                     st.acc = 0.0

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,24 +40,31 @@ from benchmarks.metrics import PeakRss, compute_shares, psnr, rel_l2, ssim
 from benchmarks.reference.fid import fid_fmnist
 from benchmarks.reference.pipeline import DEFAULT_GUIDANCE, DEFAULT_PATH, load_reference, load_scheduler, sample
 
+CFG_STREAMS = {
+    "fastcache": "runtime keeps one state slot per conditioning stream, matched by the class_labels input",
+    "fora / fbc / teacache": "state keyed by the class_labels (and shape) each block receives",
+    "diffusers-fbc / -magcache / -taylorseer": "diffusers StateManager per cache_context name (cond / uncond)",
+    "diffusers-pab": "shipped hook shares one state across calls; the harness swaps a per-stream state in",
+}
 SHIPPED_CALIBRATION = DEFAULT_PATH / "fastcache_calibration.safetensors"
 DEFAULT_STEPS = 50
 WARMUP_STEPS = 4  # warm-up generation: enough for both fastcache variants (init + cached) to compile
+_REPO = str(Path(__file__).resolve().parents[1])
 OTHER_SEEDS = 1_000_000  # calibration / fitting seeds, disjoint from the evaluated ones
 
 
 @dataclass
 class Plan:
-    """What one mode sweeps. Thresholds chosen to span light to aggressive caching on this model."""
+    """What one mode sweeps. Settings span light to aggressive caching on the reference model (chosen
+    from a 50-step sweep: e.g. FBC at 0.05 never skips, TeaCache above 0.2 drops below 15 dB PSNR)."""
 
     mode: str
     samples: int
     batch: int
     steps: int
-    shadow_samples: int
-    fastcache_taus: tuple[float, ...]
-    eager_taus: tuple[float, ...]  # fastcache also with eager lowering at these τ
-    reuse_taus: tuple[float, ...]  # approximation="reuse" (inductor)
+    shadow_samples: int  # samples of the eager shadow run that measures bound violations
+    calibration_generations: int  # generations of 4 samples for fastcache_compile.calibrate
+    fastcache: tuple[tuple[str, float, str], ...]  # (approximation, τ, lowering) per fastcache row
     fora: tuple[int, ...]
     fbc: tuple[float, ...]
     teacache: tuple[float, ...]
@@ -66,12 +74,24 @@ class Plan:
     magcache: tuple[float, ...]
 
 
+def _grid(forms: tuple[str, ...], taus: tuple[float, ...], lowerings: tuple[str, ...]) -> tuple:
+    return tuple((f, t, low) for f in forms for t in taus for low in lowerings)
+
+
+# fastcache: "auto" = the calibration's recommended fitted form; "reuse" = y ≈ x + r̂, no calibration.
+# Default: every row generates all 96 samples at 50 steps. Measured at 16 samples, the sweep costs ~15 s
+# of CPU per sample (all rows together) plus ~7-10 min fixed (calibration, fits, compiles, shadow runs),
+# so 96 samples take ~30-35 min at one thread on an idle 2-core machine. FID-FMNIST at N = 96 (< 128
+# feature dims) is biased upwards, but identically for every row; raise --samples where time allows.
 DEFAULT = Plan(
-    "default", 192, 64, DEFAULT_STEPS, 16, (0.05, 0.1, 0.2), (0.05, 0.1, 0.2), (0.1,),
-    (2, 3), (0.05, 0.1), (0.1, 0.3), (0.05, 0.1), (2, 3), (2, 3), (0.06, 0.2),
+    "default", 96, 48, DEFAULT_STEPS, 16, 4,
+    _grid(("auto",), (0.03, 0.05, 0.1), ("inductor", "eager")) + _grid(("reuse",), (0.03, 0.05), ("inductor", "eager")),
+    (2, 3), (0.07, 0.1), (0.05, 0.1), (0.07, 0.1), (2, 3), (2, 3), (0.02, 0.06),
 )  # fmt: skip
 QUICK = Plan(
-    "quick", 16, 16, 20, 8, (0.1,), (0.05, 0.1), (), (2,), (0.1,), (0.3,), (0.1,), (2,), (2,), (0.2,),
+    "quick", 16, 16, 20, 8, 2,
+    (("auto", 0.1, "inductor"), ("auto", 0.1, "eager"), ("reuse", 0.1, "eager")),
+    (2,), (0.1,), (0.1,), (0.1,), (2,), (2,), (0.06,),
 )  # fmt: skip
 
 
@@ -105,7 +125,7 @@ class Bench:
 
     def run(self, runner: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
         p = self.plan
-        row: dict[str, Any] = {"method": runner.method, "setting": runner.setting, "lowering": "eager"}
+        row: dict[str, Any] = {"method": runner.method, "setting": runner.setting}
         row["lowering"] = getattr(runner, "lowering", "eager")
         row["key"] = f"{row['method']}|{row['setting']}|{row['lowering']}"
         row["load_avg"] = round(os.getloadavg()[0], 2)
@@ -131,7 +151,11 @@ class Bench:
                     row["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
                     row["compiled_variants"] = runner.stats().get("compiled_variants")
         except Exception as err:  # one broken method must not sink the sweep: record why
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            # Name the innermost frame of this repository (not of torch) so a report reader sees where it broke.
+            frames = traceback.extract_tb(err.__traceback__)
+            ours = [f for f in frames if _REPO in f.filename and ".venv" not in f.filename] or frames[-1:]
+            where = f" (at {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}{where}"
             return row, None
         images = torch.cat(outs)
         row["latency_s"] = sum(times) / len(times)
@@ -190,6 +214,8 @@ def _probe_diffusers(bench: Bench) -> dict[str, dict[str, str]]:
             logger.removeHandler(capture)
         if capture.messages:
             detail += "; diffusers warned: " + " / ".join(dict.fromkeys(m[:160] for m in capture.messages))
+        if name in dhk.PROBE_NOTES:
+            detail = f"{dhk.PROBE_NOTES[name]}; {detail}"
         out[name] = {"status": status, "detail": detail}
     return out
 
@@ -203,7 +229,7 @@ def _baselines(bench: Bench, meta: dict[str, Any]) -> list[Any]:
         with torch.no_grad():
             fit = bl.fit_teacache(m, bench.other_runs(2, 8))
         meta["teacache_fit"] = fit
-        runners += [bl.TeaCache(m, t, fit["coefficients"], p.steps) for t in p.teacache]
+        runners += [bl.TeaCache(m, t, fit["coefficients"], p.steps, fit["input_change_range"]) for t in p.teacache]
     runners += [dhk.first_block_cache(m, t) for t in p.diffusers_fbc]
     runners += [dhk.PyramidBroadcast(m, r) for r in p.pab]
     runners += [dhk.taylorseer(m, i) for i in p.taylorseer]
@@ -222,18 +248,14 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
     def probe(c: Any) -> Any:
         return c(hidden_states=probe_x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([0, 10]))
 
-    meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(4, 4), probe)
+    meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(p.calibration_generations, 4), probe)
     form = meta["calibration"]["recommended"]
     runners: list[Any] = []
-    for tau in sorted(set(p.fastcache_taus) | set(p.eager_taus)):
-        lowerings = [low for low, taus in (("inductor", p.fastcache_taus), ("eager", p.eager_taus)) if tau in taus]
-        for low in lowerings:
-            opts = fastcache_options(tau, "auto", low, p.steps, calib, alpha)
-            runners.append(Compiled(m, "fastcache", f"τ={tau:g}", low, opts))
-            runners[-1].notes = f"approximation auto → {form}"
-    for tau in p.reuse_taus:
-        opts = fastcache_options(tau, "reuse", "inductor", p.steps, None, alpha)
-        runners.append(Compiled(m, "fastcache-reuse", f"τ={tau:g}", "inductor", opts))
+    for approximation, tau, low in p.fastcache:
+        opts = fastcache_options(tau, approximation, low, p.steps, calib, alpha)
+        method = "fastcache" if approximation == "auto" else f"fastcache-{approximation}"
+        runners.append(Compiled(m, method, f"τ={tau:g}", low, opts))
+        runners[-1].notes = f"approximation auto → {form}" if approximation == "auto" else ""
     return runners
 
 
@@ -303,16 +325,23 @@ def main(argv: list[str] | None = None) -> None:
         "compute_shares": bench.shares,
         "peak_mem_method": "peak RSS growth during the timed generations (VmHWM reset via /proc/self/clear_refs)",
         "load_avg_start": os.getloadavg(),
+        "cfg_streams": CFG_STREAMS,
     }
     calib = SHIPPED_CALIBRATION if plan.steps == DEFAULT_STEPS and args.model == DEFAULT_PATH else None
     calib = calib or args.out / f"fastcache_calibration_{plan.steps}steps.safetensors"
     args.out.mkdir(parents=True, exist_ok=True)
 
     print("preparing: fastcache calibration, TeaCache polynomial, MagCache ratios ...", flush=True)
+    phases: dict[str, float] = {"load_and_shares": time.perf_counter() - start}
     reference = bl.Baseline(model)
     runners: list[Any] = [reference, Compiled(model, "none", "-", "inductor")]
+    tick = time.perf_counter()
     runners += _fastcache_runners(bench, meta, calib, args.alpha)
+    phases["fastcache_calibration"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     runners += _baselines(bench, meta)
+    phases["teacache_magcache_fits"] = time.perf_counter() - tick
+    tick = time.perf_counter()
 
     rows: list[dict[str, Any]] = []
     images: dict[str, torch.Tensor] = {}
@@ -335,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             images[row["key"]] = img[:10]
         tqdm.write(f"  {row['key']}: " + (row.get("error") or f"{row['latency_s']:.2f} s/batch"))
 
+    phases["rows_incl_shadow_runs"] = time.perf_counter() - tick
     base = {r["lowering"]: r for r in rows if r["method"] == "none" and "latency_s" in r}
     for r in rows:
         if "latency_s" in r and r["lowering"] in base:
@@ -343,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
             # Compute efficiency of the skipping: saved CPU time against the FLOP-based ideal.
             r["speedup_vs_ideal"] = r["speedup_cpu"] / r["ideal_speedup"]
     print("probing diffusers cache configs ...", flush=True)
+    tick = time.perf_counter()
     meta["diffusers_probe"] = _probe_diffusers(bench)
+    phases["diffusers_probe"] = time.perf_counter() - tick
+    meta["phase_s"] = phases
     meta["load_avg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - start
     report.write(args.out, rows, meta, images)

@@ -96,10 +96,13 @@ class PyramidBroadcast(DiffusersCache):
 
         super().__init__(model, "diffusers-pab", f"skip_range={skip_range}", make, granularity="attention")
         self.states: dict[bytes, list[PyramidAttentionBroadcastState]] = {}
+        self._pab_hooks: list[Any] = []
 
-    def _hooks(self) -> list[Any]:
+    def _apply(self) -> None:
+        super()._apply()
         regs = [getattr(m, "_diffusers_hook", None) for m in self.model.modules()]
-        return [r.get_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK) for r in regs if r is not None and r.hooks] or []
+        hooks = [r.get_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK) for r in regs if r is not None]
+        self._pab_hooks = [h for h in hooks if h is not None]
 
     def reset(self) -> None:
         super().reset()
@@ -107,13 +110,12 @@ class PyramidBroadcast(DiffusersCache):
 
     def _on_call(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         super()._on_call(module, args, kwargs)
-        hooks = [h for h in self._hooks() if h is not None]
         x = kwargs.get("hidden_states", args[0] if args else None)
         key = stream_key(x, kwargs.get("class_labels"))
         if key not in self.states:
-            self.states[key] = [PyramidAttentionBroadcastState() for _ in hooks]
-        for hook, state in zip(hooks, self.states[key]):
-            hook.state = state
+            self.states[key] = [PyramidAttentionBroadcastState() for _ in self._pab_hooks]
+        for hook, state in zip(self._pab_hooks, self.states[key]):
+            hook.state = state  # this stream's cache and iteration counter
 
 
 def first_block_cache(model: torch.nn.Module, threshold: float) -> DiffusersCache:
@@ -166,6 +168,21 @@ def magcache(model: torch.nn.Module, threshold: float, ratios: list[float], step
         return dh.MagCacheConfig(threshold=threshold, mag_ratios=list(ratios), num_inference_steps=steps)
 
     return DiffusersCache(model, "diffusers-magcache", f"thr={threshold:g}", make)
+
+
+PROBE_NOTES = {
+    "FirstBlockCacheConfig()": "works on DiT (swept as diffusers-fbc); its default threshold 0.05 did not fire in "
+    "our 10- and 50-step runs",
+    "TaylorSeerCacheConfig() [default identifiers]": "'^transformer_blocks.*attn' must fullmatch, DiT names it attn1; "
+    "swept as diffusers-taylorseer with cache_identifiers=[transformer_blocks.<i>]",
+    "TaylorSeerCacheConfig(use_lite_mode=True)": "lite mode zeroes every block and caches 'proj_out', which DiT "
+    "lacks (proj_out_1/proj_out_2)",
+    "MagCacheConfig(calibrate=True)": "calibration mode never skips by design; its printed ratios feed the "
+    "diffusers-magcache rows",
+    "FasterCacheConfig(spatial=2)": "its attention hook permutes to 5-D, i.e. assumes video latents",
+    "SeaCacheConfig()": "needs a flow-matching sigma in [0, 1] in cache_context (a DDIM loop has none) and a "
+    "raw_vision_callback for models without a built-in adapter; without them it stays fail-open (never skips)",
+}
 
 
 def probe_configs(steps: int) -> dict[str, Callable[[DiffusersCache], Any]]:

@@ -15,58 +15,26 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastcache_compile.passes import insert_cache, insert_recording
 from torch import fx, nn
 
 from fastcache_compile import __version__, rule
 from fastcache_compile import calibration as _calibration
 from fastcache_compile.backend import _outlined
 from fastcache_compile.config import FastCacheConfig
+from fastcache_compile.passes import insert_cache, insert_recording
 from fastcache_compile.runtime import _is_module_state
 
 from . import _manifest
+from ._graph import export_graph, verify_graph
 from .runner import input_roles
 
 log = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.safetensors"
-
-
-def _force_stride_order(x: Any, stride: Sequence[int]) -> Any:
-    # ONNX tensors have no strides: the layout hint insert_cache adds while tracing is an identity.
-    from onnxscript import opset18 as op
-
-    return op.Identity(x)
-
-
-def _squeeze_dims(x: Any, dims: Sequence[int]) -> Any:
-    # torch's squeeze of a dimension whose size is not 1 is a no-op; ONNX Squeeze rejects it
-    # (onnxscript 0.7 emits it anyway: PixArt's ``hidden_states.squeeze(1)`` on (B, N, C)).
-    from onnxscript import opset18 as op
-
-    shape = x.shape
-    if shape is not None:
-        dims = [d for d in dims if len(shape) and not (isinstance(shape[d], int) and shape[d] != 1)]
-    if not dims:
-        return op.Identity(x)
-    return op.Squeeze(x, op.Constant(value_ints=list(dims)))
-
-
-def _squeeze_dim(x: Any, dim: int) -> Any:
-    return _squeeze_dims(x, [dim])
-
-
-def _translations() -> dict[Callable, Callable]:
-    return {
-        torch.ops.prims.inductor_force_stride_order.default: _force_stride_order,
-        torch.ops.aten.squeeze.dim: _squeeze_dim,
-        torch.ops.aten.squeeze.dims: _squeeze_dims,
-    }
 
 
 def capture(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[fx.GraphModule, list[Any], Any]:
@@ -111,6 +79,9 @@ class _Rewritten(nn.Module):
 def _classify(gm: fx.GraphModule, args: list[Any], leaves: dict[str, Any]) -> tuple[list[str], list[str | None]]:
     """Per placeholder its kind and, for user inputs, the kwargs path it is fed from."""
     by_id = {id(v): name for name, v in leaves.items()}
+    if len(by_id) != len(leaves):
+        # Dynamo feeds one tensor passed twice through one placeholder; the runner could not tell them apart.
+        raise ValueError("the example inputs pass the same tensor object twice: give every input its own tensor")
     kinds, names = [], []
     for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], args):
         if isinstance(value, torch.Tensor) and _is_module_state(node, value):
@@ -125,48 +96,6 @@ def _classify(gm: fx.GraphModule, args: list[Any], leaves: dict[str, Any]) -> tu
             kinds.append("const")
             names.append(None)
     return kinds, names
-
-
-def _export_graph(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
-    with warnings.catch_warnings():
-        # torch's own exporter internals trip a deprecation of its pytree API; nothing a user can act on.
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=inputs,
-            output_names=outputs,
-            custom_translation_table=_translations(),
-            verbose=False,
-        )
-    program.save(path)
-    import onnx
-
-    # Path-based (works past the 2 GB protobuf limit); full_check adds strict shape inference, which
-    # catches ops ONNX Runtime would refuse to load.
-    onnx.checker.check_model(str(path), full_check=True)
-
-
-def _verify(module: nn.Module, args: tuple, path: Path, names: list[str]) -> None:
-    """The ONNX graph under ONNX Runtime gives the rewritten torch graph's outputs on the example."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        log.warning("onnxruntime is not installed: %s was not run after export", path.name)
-        return
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    used = {i.name for i in session.get_inputs()}
-    got = session.run(None, {n: a.numpy() for n, a in zip(names, args) if n in used})
-    with torch.no_grad():
-        want = module(*args)
-    for name, g, w in zip([o.name for o in session.get_outputs()], got, want):
-        g = torch.from_numpy(g)
-        if g.shape != w.shape or not torch.allclose(g.to(w.dtype), w, rtol=1e-3, atol=1e-4):
-            err = (g.to(w.dtype) - w).abs().max() if g.shape == w.shape else f"shape {tuple(g.shape)}"
-            raise RuntimeError(f"{path.name}: output {name!r} differs from the torch graph ({err}); please report")
 
 
 def _output_info(out: Any, base: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,16 +146,17 @@ def _export_variant(
     init_file, cached_file = f"init_{k}.onnx", f"cached_{k}.onnx"
     say(f"[{k}] exporting {init_file}")
     init_args, init_inputs = (*user, torch.tensor(0.0)), [*user_names, "fc_step"]
-    _export_graph(init_module, init_args, init_inputs, outputs, directory / init_file)
+    export_graph(init_module, init_args, init_inputs, outputs, directory / init_file)
     say(f"[{k}] exporting {cached_file} ({len(layouts)} blocks as ONNX If)")
     cached_args = (*user, *state, torch.tensor(1.0), torch.tensor(False))
     cached_inputs = [*user_names, *state_names, "fc_step", "fc_force"]
-    _export_graph(cached_module, cached_args, cached_inputs, outputs, directory / cached_file)
+    export_graph(cached_module, cached_args, cached_inputs, outputs, directory / cached_file)
     if verify:
         say(f"[{k}] checking both graphs under ONNX Runtime")
-        _verify(init_module, init_args, directory / init_file, init_inputs)
+        verify_graph(init_module, init_args, directory / init_file, init_inputs)
         for force in (True, False):  # both sides of every If
-            _verify(cached_module, (*cached_args[:-1], torch.tensor(force)), directory / cached_file, cached_inputs)
+            forced = (*cached_args[:-1], torch.tensor(force))
+            verify_graph(cached_module, forced, directory / cached_file, cached_inputs)
 
     blocks, cursor = [], 0
     for lay in layouts:

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastcache_compile.passes.insert_cache import BlockLayout
 from torch import fx, nn
 
 from fastcache_compile.config import FastCacheConfig
+from fastcache_compile.passes.insert_cache import BlockLayout
 from fastcache_compile.runtime import CacheRuntime, Variant
 
 from . import _manifest
@@ -139,6 +139,8 @@ class ExportedModel:
         self._template = first["template"]
         self._names = [i["name"] for i in first["inputs"]]
         self._dtypes = [_manifest.torch_dtype(i["dtype"]) for i in first["inputs"]]
+        # numpy or torch, and which device, the outputs follow: the latent input's.
+        self._latent = next((i["name"] for i in first["inputs"] if i.get("role") == "latent"), self._names[0])
         self._runtime = _runtime(first["inputs"], self.cache_config, self._build)
 
     def _build(self, _gm: fx.GraphModule, args: Sequence[torch.Tensor]) -> Variant:
@@ -161,7 +163,7 @@ class ExportedModel:
 
     def __call__(self, **kwargs: Any) -> Any:
         leaves = _manifest.bind(self._template, kwargs)
-        first = leaves[self._names[0]]
+        first = leaves[self._latent]
         args = [torch.as_tensor(leaves[n]).to(dtype=d) for n, d in zip(self._names, self._dtypes)]
         outs = self._runtime(*args)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]

@@ -15,7 +15,17 @@ from .calibration import Calibration, calibrate
 from .config import FastCacheConfig
 from .runtime import runtimes_for
 
-__all__ = ["Calibration", "FastCacheConfig", "calibrate", "fastcache_backend", "reset", "stats"]
+__all__ = [
+    "Calibration",
+    "FastCacheConfig",
+    "calibrate",
+    "export_onnx",
+    "export_tensorrt",
+    "fastcache_backend",
+    "load_exported",
+    "reset",
+    "stats",
+]
 __version__ = "0.1.0"
 
 
@@ -56,3 +66,24 @@ def reset(model: torch.nn.Module) -> None:
     """Forget all cache state and statistics of ``model``; the next call starts a new generation."""
     for rt in runtimes_for(model):
         rt.reset()
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str, **options: Any) -> Any:
+    """Export the cache-rewritten ``model`` to ONNX + ``manifest.json`` (needs the ``onnx`` extra)."""
+    from .export import export_onnx as _export
+
+    return _export(model, example_inputs, path, **options)
+
+
+def load_exported(path: str, provider: str = "CPUExecutionProvider", **kwargs: Any) -> Any:
+    """A stateful ONNX Runtime callable with the model's signature and the backend's caching behaviour."""
+    from .export import load_exported as _load
+
+    return _load(path, provider, **kwargs)
+
+
+def export_tensorrt(onnx_dir: str, out_dir: str, **kwargs: Any) -> Any:
+    """Build TensorRT engines from an ONNX export (needs ``tensorrt``; untested without an NVIDIA GPU)."""
+    from .export import export_tensorrt as _build
+
+    return _build(onnx_dir, out_dir, **kwargs)

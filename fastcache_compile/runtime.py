@@ -178,6 +178,12 @@ class CacheRuntime:
             if self._plain is None:
                 self._plain = self._plain_factory()
             return self._plain(*args)
+        # Compiled variants are specialised to their example inputs' layouts; inputs such as an
+        # expanded (stride-0) timestep would not match what the cond branches were traced with.
+        args = tuple(
+            a.contiguous() if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) else a
+            for a in args
+        )
         with torch.no_grad():
             return self._call(list(args))
 

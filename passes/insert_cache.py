@@ -93,6 +93,7 @@ class CachedBlock(_BlockBase):
     ) -> None:
         super().__init__(block, layout)
         self.tau, self.alpha, self.form = tau, alpha, form
+        self._fitted = sorted(name.replace(".", "_") for name in params)
         for name, value in params.items():
             self.register_buffer(name.replace(".", "_"), value, persistent=False)
         self._thresholds: dict[int, float] = {}
@@ -102,19 +103,18 @@ class CachedBlock(_BlockBase):
             self._thresholds[dof] = rule.skip_threshold(self.tau, self.alpha, dof)
         return self._thresholds[dof]
 
-    def _predict(self, k: int, args: tuple, x_hat: list, r_hat: list, r_prev: list, step, s, s_prev):
+    def _predict(self, k: int, args: tuple, x_hat: list, r_hat: list, r_prev: list, step, s, s_prev, fitted: dict):
         p = self.layout.pairs[k]
         if p is None:
             return r_hat[k].clone()  # no input of the same shape: reuse the cached output
         x = args[p].to(r_hat[k].dtype)
         xh = x_hat[self.layout.streams.index(p)].to(x.dtype)
         if self.form == "trajectory":
-            beta = self.beta
-            return approx.trajectory(x, r_hat[k], r_prev[k], step, s, s_prev, beta)
+            return approx.trajectory(x, r_hat[k], r_prev[k], step, s, s_prev, fitted["beta"])
         if self.form == "linear":
-            return approx.linear(x, xh, r_hat[k], getattr(self, f"a_{k}"))
+            return approx.linear(x, xh, r_hat[k], fitted[f"a_{k}"])
         if self.form == "direct":
-            return approx.direct(x, getattr(self, f"w_{k}"), getattr(self, f"b_{k}"))
+            return approx.direct(x, fitted[f"w_{k}"], fitted[f"b_{k}"])
         return approx.reuse(x, r_hat[k])
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -150,16 +150,31 @@ class CachedBlock(_BlockBase):
             # built on a transposed input (patch embedding) would not be.
             return tuple(o.clone(memory_format=torch.contiguous_format) for o in outs)
 
+        n_fit = len(self._fitted)
+
         def predict(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
             a = rebuild(ops)
-            st = ops[n_t:]
+            st = ops[n_t : len(ops) - n_fit]
+            fitted = dict(zip(self._fitted, ops[len(ops) - n_fit :]))
             xh, rh = list(st[:n_str]), list(st[n_str : n_str + n_out])
             rp = list(st[n_str + n_out : n_str + 2 * n_out])
             stp, s_, sp_ = st[-3], st[-2], st[-1]
-            preds = (self._predict(k, a, xh, rh, rp, stp, s_, sp_) for k in range(n_out))
+            preds = (self._predict(k, a, xh, rh, rp, stp, s_, sp_, fitted) for k in range(n_out))
             return tuple(p.contiguous() for p in preds)
 
-        operands = (*[args[i] for i in tensor_pos], *x_hat, *r_hat, *r_prev, step.float(), s, s_prev)
+        # The fitted maps are operands (not closure constants) so tracers and exporters see them as
+        # inputs of the branch.
+        fitted_values = [getattr(self, name) for name in self._fitted]
+        operands = (
+            *[args[i] for i in tensor_pos],
+            *x_hat,
+            *r_hat,
+            *r_prev,
+            step.float(),
+            s,
+            s_prev,
+            *fitted_values,
+        )
         # Inductor traces each branch with its operands' strides but may hand the branch a buffer of
         # another layout (e.g. the transposed patch embedding); contiguous operands avoid the mismatch.
         if _tracing(operands):

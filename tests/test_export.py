@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastcache_compile as fc
+from fastcache_compile.cli import main
 from fastcache_compile.export import export_onnx, export_tensorrt, load_exported
 from models import CASES, sample, split_inputs
 
@@ -33,16 +34,41 @@ def built():
 
 
 @pytest.fixture(scope="module")
-def exported(built, tmp_path_factory):
+def exported(built, calibration, tmp_path_factory):
     """Export directories: every case at τ > 0 (checked under ORT at export time) and the DiT at τ = 0.
 
     Exports dominate this file's run time (~5 s per graph on a loaded 2-core machine), hence one τ = 0 export.
     """
     out = {}
-    for name, tau in [*((n, TAU) for n in NAMES), ("dit", 0.0)]:
+    for name, tau in [("pixart", TAU), ("dit", 0.0)]:
         path = tmp_path_factory.mktemp(f"{name}-{tau}")
         out[name, tau] = export_onnx(built[name], _example(name), path, threshold=tau, verify=tau > 0, **OPTIONS)
+    # The DiT at τ > 0 goes through the command line (module:factory form) with fitted maps, end to end.
+    path = tmp_path_factory.mktemp(f"dit-{TAU}")
+    argv = ["export", "--model", "test_export:dit_factory", "--out", str(path), "--threshold", str(TAU)]
+    argv += ["--warmup-steps", str(OPTIONS["warmup_steps"]), "--calibration", calibration]
+    assert main([*argv, "--approximation", "trajectory"]) == 0
+    out["dit", TAU] = path
     return out
+
+
+@pytest.fixture(scope="module")
+def calibration(built, tmp_path_factory):
+    """Fitted trajectory maps of the DiT: the skip branch then reads constants, not just its operands."""
+    path = tmp_path_factory.mktemp("calib") / "dit.safetensors"
+    case = CASES["dit"]
+    fc.calibrate(built["dit"], lambda m: [sample(m, case, batch=1, cfg="split", steps=4, seed=s) for s in (1, 2)], path)
+    return str(path)
+
+
+def _backend_options(name: str, calibration: str) -> dict:
+    extra = {"calibration": calibration, "approximation": "trajectory"} if name == "dit" else {}
+    return {"lowering": "eager", "threshold": TAU, **OPTIONS, **extra}
+
+
+def dit_factory():
+    """``fastcache export --model test_export:dit_factory``: (model, example kwargs)."""
+    return CASES["dit"].build(), _example("dit")
 
 
 @pytest.mark.parametrize(
@@ -62,11 +88,10 @@ def test_all_computed_matches_uncached(built, exported, name, tau, overrides):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_skips_match_backend(built, exported, name):
+def test_skips_match_backend(built, exported, calibration, name):
     case = CASES[name]
-    compiled = torch.compile(
-        built[name], backend="fastcache", options={"lowering": "eager", "threshold": TAU, **OPTIONS}, fullgraph=True
-    )
+    options = _backend_options(name, calibration)
+    compiled = torch.compile(built[name], backend="fastcache", options=options, fullgraph=True)
     ref = sample(compiled, case, batch=1, cfg="split", steps=STEPS)
     runner = load_exported(exported[name, TAU])
     out = sample(runner, case, batch=1, cfg="split", steps=STEPS)
@@ -84,6 +109,9 @@ def test_skips_match_backend(built, exported, name):
 
 
 def test_manifest_records_layout_and_roles(exported):
+    manifest = json.loads((exported["dit", TAU] / "manifest.json").read_text())
+    assert manifest["config"]["approximation"] == "trajectory"
+    assert (exported["dit", TAU] / manifest["calibration"]["file"]).exists()  # copy of the fitted maps
     manifest = json.loads((exported["pixart", TAU] / "manifest.json").read_text())
     assert manifest["config"]["threshold"] == TAU and manifest["config"]["approximation"] == "reuse"
     variant = manifest["variants"][0]
@@ -138,12 +166,20 @@ def _perturbed() -> torch.nn.Module:
     return other
 
 
-def test_tensorrt_missing_is_a_clear_import_error(exported, tmp_path):
+def test_cli_rejects_bad_model_spec(tmp_path):
+    with pytest.raises(SystemExit, match="module:factory"):
+        main(["export", "--model", "no-colon", "--out", str(tmp_path)])
+
+
+def test_tensorrt_missing_is_a_clear_import_error(exported, tmp_path, capsys):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="TensorRT"):
             export_tensorrt(exported["dit", TAU], tmp_path)
+        # The command line says so before spending time on the ONNX export.
+        assert main(["export", "--format", "tensorrt", "--model", "reference", "--out", str(tmp_path)]) == 2
+        assert "TensorRT" in capsys.readouterr().err
     else:
         pytest.skip("tensorrt is installed: see test_tensorrt_engines")
 

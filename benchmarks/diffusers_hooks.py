@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ from diffusers.hooks.pyramid_attention_broadcast import (
 from diffusers.models.cache_utils import CacheMixin
 
 from benchmarks.baselines import Baseline, stream_key
+from benchmarks.metrics import psnr
 
 
 def with_cache_mixin(model: torch.nn.Module) -> torch.nn.Module:
@@ -201,3 +204,48 @@ def probe_configs(steps: int) -> dict[str, Callable[[DiffusersCache], Any]]:
         ),
         "SeaCacheConfig()": lambda _: dh.SeaCacheConfig(),
     }
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().splitlines()[0])
+
+
+def probe(
+    model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch.Tensor], steps: int
+) -> dict[str, dict[str, str]]:
+    """Run every config of ``probe_configs`` once through ``generate(model) -> images`` (a short
+    generation of ``steps`` steps) and record whether it fails, skips nothing, or works."""
+    out: dict[str, dict[str, str]] = {}
+    plain = generate(model)
+    logger = logging.getLogger("diffusers")
+    for name, make in probe_configs(steps).items():
+        method = DiffusersCache(model, "probe", name, make)
+        capture = _Capture()
+        logger.addHandler(capture)
+        try:
+            with method, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                img = generate(method.model)
+            blocks, attn = method.counter.block_skip_fraction(), method.counter.attention_skip_fraction()
+            quality = psnr(img, plain)
+            detail = f"PSNR {quality:.1f} dB vs. uncached ({steps} steps); skipped blocks {blocks:.0%}, attn {attn:.0%}"
+            if blocks == 0.0 and attn == 0.0:
+                status = "runs, skips nothing"
+            elif quality < 15.0:
+                status = "runs, output destroyed"
+            else:
+                status = "works"
+        except Exception as err:
+            status, detail = "fails", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        finally:
+            logger.removeHandler(capture)
+        if capture.messages:
+            detail += "; diffusers warned: " + " / ".join(dict.fromkeys(m[:160] for m in capture.messages))
+        note = PROBE_NOTES.get(name)
+        out[name] = {"status": status, "detail": f"{note}; {detail}" if note else detail}
+    return out

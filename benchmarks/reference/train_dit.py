@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--resume", action="store_true", help="continue from the weights in --out (fresh optimizer)")
     args = p.parse_args()
 
     if args.threads:
@@ -80,6 +81,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     images, labels = data.load("train")  # (60000, 1, 32, 32), (60000,)
     model = build_model(args.layers, args.heads, args.head_dim, args.patch)
+    previous: dict = {}
+    if args.resume:
+        # The shipped weights are the EMA; both the trained copy and the EMA restart from them.
+        state = DiTTransformer2DModel.from_pretrained(args.out, torch_dtype=torch.float32).state_dict()
+        model.load_state_dict(state)
+        previous = json.loads((args.out / "training_log.json").read_text())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     _freeze_builtin_label_dropout(model)
@@ -92,6 +99,8 @@ def main() -> None:
     budget = args.minutes * 60.0
     start = time.perf_counter()
     log: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "loss": []}
+    if previous:
+        log["previous_phases"] = [*previous.pop("previous_phases", []), previous]
     step, running = 0, 0.0
     while step < args.max_steps:
         elapsed = time.perf_counter() - start

@@ -155,7 +155,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steadiest timings on a small shared machine)"
+    )
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     meta = {
         "steps": args.steps,
         "repeats": args.repeats,

@@ -1,6 +1,6 @@
 """Sweep FastCache and the cache baselines on the reference DiT and write one comparison report.
 
-    python -m benchmarks.compare [--quick] [--out benchmarks/results]
+    python -m benchmarks.compare [--quick] [--out DIR]
 
 Every method sees the same model (loaded once, so a checkpoint rewritten by a running training job
 cannot change mid-sweep), scheduler, labels and per-sample seeds. Each row: a short warm-up generation
@@ -83,7 +83,7 @@ def _grid(forms: tuple[str, ...], taus: tuple[float, ...], lowerings: tuple[str,
 DEFAULT = Plan(
     "default", 80, 40, DEFAULT_STEPS, 16, 4,
     # every skip-path form at the same τ values (Inductor), so forms compare at equal skip rates
-    _grid(("linear", "trajectory", "reuse"), (0.03, 0.05, 0.1), ("inductor",)) + (("auto", 0.05, "eager"),),
+    (*_grid(("linear", "trajectory", "reuse"), (0.03, 0.05, 0.1), ("inductor",)), ("auto", 0.05, "eager")),
     (2, 3), (0.07, 0.1), (0.05, 0.1), (0.07, 0.1), (2, 3), (2, 3), (0.02, 0.06),
 )  # fmt: skip
 QUICK = Plan(
@@ -234,7 +234,9 @@ def _env(threads: int) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few samples/settings, 20 steps: a ~3 minute smoke run")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument(
+        "--out", type=Path, help="results folder (default benchmarks/results, or benchmarks/results/quick with --quick)"
+    )
     ap.add_argument("--samples", type=int, help="override the mode's sample count (same for every method)")
     ap.add_argument("--batch", type=int, help="override the mode's batch size")
     ap.add_argument("--steps", type=int, help="override the mode's DDIM step count")
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else DEFAULT
+    if args.out is None:  # a quick run never overwrites the committed full results
+        args.out = Path("benchmarks/results/quick" if args.quick else "benchmarks/results")
     over = {k: getattr(args, k) for k in ("samples", "batch", "steps") if getattr(args, k) is not None}
     plan = dataclasses.replace(plan, **over)
     start = time.perf_counter()

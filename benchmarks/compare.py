@@ -36,6 +36,8 @@ from benchmarks.fastcache_runs import Compiled, bound_violations, ensure_calibra
 from benchmarks.metrics import PeakRss, compute_shares, psnr, rel_l2, ssim
 from benchmarks.reference.fid import fid_fmnist
 from benchmarks.reference.pipeline import DEFAULT_GUIDANCE, DEFAULT_PATH, load_reference, load_scheduler, sample
+from fastcache_compile.backend import resolve_form
+from fastcache_compile.calibration import load as load_calibration
 
 CFG_STREAMS = {
     "fastcache": "runtime keeps one state slot per conditioning stream, matched by the class_labels input",
@@ -75,7 +77,7 @@ def _grid(forms: tuple[str, ...], taus: tuple[float, ...], lowerings: tuple[str,
     return tuple((f, t, low) for f in forms for t in taus for low in lowerings)
 
 
-# fastcache: "auto" = the calibration's recommended fitted form; "reuse" = y ≈ x + r̂, no calibration.
+# fastcache: "auto" = the trajectory form with the calibration; "reuse" = y ≈ x + r̂, no calibration.
 # Default: every row generates all 80 samples at 50 steps. Measured at 16 samples, all rows together cost
 # ~16 s of CPU per sample, plus ~6.5 min fixed (fits, compiles, shadow runs, warm-ups) and ~3 min more
 # when the calibration must be (re)fitted: ~30 min at one thread on an idle 2-core machine. FID-FMNIST at
@@ -202,7 +204,7 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
         return c(hidden_states=probe_x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([0, 10]))
 
     meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(p.calibration_generations, 4), probe)
-    form = meta["calibration"]["recommended"]
+    form = resolve_form("auto", load_calibration(calib))
     runners: list[Any] = []
     for approximation, tau, low in p.fastcache:
         opts = fastcache_options(tau, approximation, low, p.steps, calib, alpha)

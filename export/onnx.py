@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from fastcache_compile import __version__, rule
 from fastcache_compile import calibration as _calibration
-from fastcache_compile.backend import _outlined
+from fastcache_compile.backend import _outlined, resolve_form
 from fastcache_compile.config import FastCacheConfig
 from fastcache_compile.passes import insert_cache, insert_recording
 from fastcache_compile.runtime import _is_module_state
@@ -229,11 +229,7 @@ def export_onnx(
     say = progress or log.info
     config = FastCacheConfig.from_options(options)
     calib = _calibration.load(config.calibration) if config.calibration is not None else None
-    form = config.approximation
-    if form == "auto":
-        form = calib.recommended if calib is not None else "reuse"
-    if form != "reuse" and calib is None:
-        raise ValueError(f"approximation={form!r} needs fitted maps: pass calibration=<file from calibrate>")
+    form = resolve_form(config.approximation, calib)
     examples = [example_inputs] if isinstance(example_inputs, Mapping) else list(example_inputs)
     if not examples:
         raise ValueError("example_inputs must be the kwargs of one model call (or a non-empty list of them)")

@@ -54,6 +54,20 @@ def _outlined(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     return outline_blocks(find_blocks(specialize_symints(_copy(gm), args)))
 
 
+def resolve_form(approximation: str, calib: _calibration.Calibration | None) -> str:
+    """The skip-path form to use; "auto" picks the measured best one."""
+    form = approximation
+    if form == "auto":
+        # Measured on the reference DiT at equal skip rates (benchmarks/results/compare.md): the fitted
+        # trajectory form beat reuse by up to 9 dB and matched or beat the D×D linear map at a lower cost.
+        form = "trajectory" if calib is not None else "reuse"
+    if form != "reuse" and calib is None:
+        raise ValueError(
+            f"approximation={form!r} needs fitted maps: pass calibration=<file from fastcache_compile.calibrate>"
+        )
+    return form
+
+
 def fastcache_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -68,13 +82,7 @@ def fastcache_backend(
         return _lower(gm, example_inputs, config.lowering)
     num_blocks = len(plan_probe.meta["fastcache_plan"].blocks)
     calib = _calibration.load(config.calibration) if config.calibration is not None else None
-    form = config.approximation
-    if form == "auto":
-        form = calib.recommended if calib is not None else "reuse"
-    if form != "reuse" and calib is None:
-        raise ValueError(
-            f"approximation={form!r} needs fitted maps: pass calibration=<file from fastcache_compile.calibrate>"
-        )
+    form = resolve_form(config.approximation, calib)
 
     def build(graph: fx.GraphModule, args: Sequence[Any]) -> Variant:
         cached = _outlined(graph, args)

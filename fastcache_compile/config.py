@@ -32,7 +32,7 @@ class FastCacheConfig:
     calibration: str | os.PathLike[str] | None = None
     """Calibration file from ``fastcache_compile.calibrate``; None means plain residual reuse."""
     approximation: Approximation = "auto"
-    """Skip-path predictor; "auto" uses the calibration's recommended form, else "reuse"."""
+    """Skip-path predictor; "auto" = "trajectory" with a calibration (measured best), else "reuse"."""
     max_streams: int = 4
     """State slots per block: one per conditioning stream (cond / uncond called separately)."""
     lowering: Lowering = "inductor"

@@ -181,8 +181,7 @@ class CacheRuntime:
         # Compiled variants are specialised to their example inputs' layouts; inputs such as an
         # expanded (stride-0) timestep would not match what the cond branches were traced with.
         args = tuple(
-            a.contiguous() if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) else a
-            for a in args
+            a.contiguous() if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) else a for a in args
         )
         with torch.no_grad():
             return self._call(list(args))

@@ -214,6 +214,14 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
     return runners
 
 
+def _display_path(path: Path) -> str:
+    """Repository-relative where possible, so results carry no machine-specific paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return Path(path).name
+
+
 def _env(threads: int) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "cfg": args.cfg,
         "seeds": [args.seed, args.seed + plan.samples - 1],
         "warmup_steps": WARMUP_STEPS,
-        "checkpoint": str(args.model),
+        "checkpoint": _display_path(args.model),
         "checkpoint_training_steps": json.loads(log.read_text()).get("steps") if log.exists() else None,
         "compute_shares": bench.shares,
         "peak_mem_method": "peak RSS growth during the timed generations (VmHWM reset via /proc/self/clear_refs)",

@@ -114,7 +114,7 @@ def ensure_calibration(
     The reference checkpoint is rewritten while training runs, and a calibration is pinned to the
     weights by its fingerprint, so a stale file is refitted rather than failing the benchmark.
     """
-    info: dict[str, Any] = {"path": str(path)}
+    info: dict[str, Any] = {"path": path.name}
     if path.exists():
         why = _calibration_fits(model, path, probe)
         if why is None:

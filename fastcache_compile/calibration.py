@@ -176,9 +176,9 @@ def _fit(seqs: list[list], layouts: list[Any], ridge: float) -> dict[str, torch.
                         if s >= 1:
                             dirs.append((r_s - gen[s - 1][i][1][k]) * g)
                             errs.append(r_t - r_s)
-            x_all, dx_all = torch.cat(dx), torch.cat(dr)
-            lam = ridge * float((torch.cat(dx) ** 2).sum()) / max(x_all.shape[0], 1)
-            a, _ = approx.ridge(x_all, dx_all, lam, bias=False)
+            dx_all, dr_all = torch.cat(dx), torch.cat(dr)
+            lam = ridge * float((dx_all**2).sum()) / max(dx_all.shape[0], 1)
+            a, _ = approx.ridge(dx_all, dr_all, lam, bias=False)
             tensors[f"a.{i}.{k}"] = a
             x_cat, y_cat = torch.cat(xs), torch.cat(ys)
             lam = ridge * float((x_cat**2).sum()) / max(x_cat.shape[0], 1)

@@ -13,13 +13,14 @@ import hashlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
 from .config import FastCacheConfig
+from .passes.outline_blocks import _is_state_input
 
 # Placeholder names (Dynamo's ``l_<arg>_``) of the inputs that change every step by design: they
 # never identify a conditioning stream. Everything else the user passes (class labels, text states,
@@ -77,7 +78,8 @@ def _arg_name(placeholder: fx.Node) -> str:
 
 
 def _is_module_state(node: fx.Node, value: Any) -> bool:
-    return node.name.lower().startswith("l_self_") or isinstance(value, torch.nn.Parameter)
+    # The graph's own rule, plus the runtime value (a Parameter whose placeholder lacks metadata).
+    return _is_state_input(node) or isinstance(value, torch.nn.Parameter)
 
 
 def _fingerprint(t: torch.Tensor) -> bytes:
@@ -105,10 +107,8 @@ class _Slot:
 @dataclass
 class _Stats:
     calls: int = 0
-    init_calls: int = 0
     generations: int = 0
     computed: torch.Tensor | None = None  # (num_blocks,) int64 running sum, on the model's device
-    steps_computed: list[float] = field(default_factory=list)
 
 
 class CacheRuntime:
@@ -132,9 +132,6 @@ class CacheRuntime:
         self.stats = _Stats()
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._param_ids = {id(v) for n, v in zip(placeholders, example_inputs) if _is_module_state(n, v)}
-        self._param_refs = [
-            weakref.ref(v) for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.nn.Parameter)
-        ]
         names = [_arg_name(n) for n in placeholders]
         user = [
             i
@@ -210,7 +207,6 @@ class CacheRuntime:
         step = torch.tensor(float(slot.step))
         if slot.state is None:
             outs = variant.init(*args, step)
-            self.stats.init_calls += 1
         else:
             force = slot.step < cfg.warmup_steps or (cfg.num_steps is not None and slot.step >= cfg.num_steps - 1)
             force = force or recorder is not None  # calibration records full computations

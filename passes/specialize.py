@@ -23,6 +23,14 @@ def _is_symbolic(value: Any) -> bool:
     return isinstance(value, _SYM_TYPES)
 
 
+def _computes_size(node: fx.Node) -> bool:
+    """A symbolic size, a size method (``x.size(0)``) or ``x.shape``: what this pass may fold."""
+    val = node.meta.get("example_value")
+    if _is_symbolic(val) or (node.op == "call_method" and isinstance(val, (int, float, bool))):
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+
+
 def specialize_symints(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env: dict[fx.Node, Any] = {}
@@ -46,10 +54,8 @@ def specialize_symints(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModul
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
-        val = node.meta.get("example_value")
-        if not (_is_symbolic(val) or (isinstance(val, (int, float, bool)) and node.op == "call_method")):
-            if not (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
-                continue
+        if not _computes_size(node):
+            continue
         try:
             if node.op == "call_method" and node.target in _SIZE_METHODS and node.args[0] in tensors:
                 result = getattr(tensors[node.args[0]], node.target)(*map(lookup, node.args[1:]))

@@ -148,6 +148,11 @@ class CacheRuntime:
         ids = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
         return bool(ids & self._param_ids)
 
+    @property
+    def timestep_input(self) -> int | None:
+        """Position of the graph input recognised as the timestep, if any."""
+        return self._timestep_pos
+
     def reset(self) -> None:
         self.slots.clear()
         self.stats = _Stats()

@@ -265,3 +265,26 @@ def test_structural_fallback_without_module_stack(built):
     assert len(st["per_block_skipped"]) == len(model.blocks)
     assert st["blocks_skipped"] > 0
     assert (out - ref).norm() / ref.norm() < 0.2
+
+
+def test_unnamed_timestep_warns_that_reset_is_needed():
+    import fastcache_compile.backend as backend_mod
+
+    backend_mod._warned.clear()
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = _toy_two_block().blocks
+
+        def forward(self, x, noise_scale):  # not a timestep name the runtime knows
+            for b in self.blocks:
+                x = b(x)
+            return x * noise_scale
+
+    cm = _compile(Toy().eval(), threshold=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            cm(torch.randn(1, 3, 4), torch.tensor([1.0]))
+    assert any("no timestep input recognised" in str(w.message) for w in caught)

@@ -57,6 +57,11 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         prev = total.get("per_block_skipped", [])
         cur = s["per_block_skipped"]
         total["per_block_skipped"] = [a + b for a, b in zip(prev, cur)] if prev else list(cur)
+        if "tokens_per_call" in s:  # token selection: tokens run through the blocks per call
+            total.setdefault("tokens_per_call", []).extend(s["tokens_per_call"])
+            total["num_tokens"] = s["num_tokens"]
+    if "tokens_per_call" in total:
+        total["token_fraction"] = sum(total["tokens_per_call"]) / (len(total["tokens_per_call"]) * total["num_tokens"])
     blocks = total["blocks_computed"] + total["blocks_skipped"]
     total["skip_ratio"] = total["blocks_skipped"] / blocks if blocks else 0.0
     return total

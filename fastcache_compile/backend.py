@@ -20,6 +20,7 @@ from torch import fx
 from . import calibration as _calibration
 from .config import FastCacheConfig
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
+from .passes.select_tokens import TokenPlanError, insert_token_select
 from .runtime import CacheRuntime, Variant
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,30 @@ def fastcache_backend(
         if calib is not None:
             calib.check(cached, list(args))
         params = calib.block_params(form) if calib is not None else None
-        cached = insert_cache(cached, config.threshold, config.alpha, form, params)
-        init = insert_recording(_outlined(graph, args))
+        token_info: dict[str, Any] | None = None
+        if config.token_select or config.token_merge:
+            try:
+                init, cached, plan, branch_list = insert_token_select(
+                    cached,
+                    args,
+                    tau=config.threshold,
+                    alpha=config.alpha,
+                    form=form,
+                    params=params,
+                    buckets=config.token_buckets,
+                    select=config.token_select,
+                    token_threshold=config.token_threshold,
+                    merge=config.token_merge,
+                    merge_ratio=config.merge_ratio,
+                    merge_k=config.merge_k,
+                    merge_lambda=config.merge_lambda,
+                )
+                token_info = {"num_tokens": plan.num_tokens, "branches": [(b.select, b.run) for b in branch_list]}
+            except TokenPlanError as err:
+                _warn_once(f"fastcache: token selection/merging not applied ({err}); using block-level caching only")
+        if token_info is None:
+            cached = insert_cache(cached, config.threshold, config.alpha, form, params)
+            init = insert_recording(_outlined(graph, args))
         n_out = cached.meta["fastcache_num_outputs"]
         seq = cached.meta["fastcache_output_is_seq"]
         init_fn = _lower(init, [*args, torch.tensor(0.0)], config.lowering)
@@ -103,7 +126,7 @@ def fastcache_backend(
                 lazy["fn"] = _lower(cached, call_args, config.lowering)
             return lazy["fn"](*call_args)
 
-        return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint)
+        return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint, token_info)
 
     def plain() -> Callable:
         _warn_once("fastcache: inputs require grad; running the uncached graph (caching is inference-only)")

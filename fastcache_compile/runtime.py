@@ -13,7 +13,7 @@ import hashlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ class Variant:
     seq_output: bool
     layouts: list[Any]
     fingerprint: dict[str, Any] | None = None
+    tokens: dict[str, Any] | None = None  # token selection: {"num_tokens", "branches"}; None if off
 
 
 def _arg_name(placeholder: fx.Node) -> str:
@@ -109,6 +110,8 @@ class _Stats:
     calls: int = 0
     generations: int = 0
     computed: torch.Tensor | None = None  # (num_blocks,) int64 running sum, on the model's device
+    tokens_run: list[torch.Tensor] = field(default_factory=list)  # per call: tokens through the blocks
+    num_tokens: int | None = None
 
 
 class CacheRuntime:
@@ -217,6 +220,10 @@ class CacheRuntime:
             force = force or recorder is not None  # calibration records full computations
             outs = variant.cached(*args, *slot.state, step, torch.tensor(force))
         outs = list(outs)
+        if variant.tokens is not None:
+            # (*outputs, *state, computed, tokens_run): the token count stays a tensor (no host sync)
+            self.stats.tokens_run.append(outs.pop())
+            self.stats.num_tokens = variant.tokens["num_tokens"]
         computed = outs[-1]
         # Compiled variants are specialised to the strides of their example inputs; Inductor may hand
         # back the state in another layout than the one it was first compiled with, so normalise it.
@@ -243,6 +250,18 @@ class CacheRuntime:
             "blocks_skipped": st.calls * n_blocks - int(sum(per_block)),
             "per_block_skipped": [st.calls - c for c in per_block],
             "compiled_variants": 2 * len(self.variants) + (self._plain is not None),
+            **self._token_summary(),
+        }
+
+    def _token_summary(self) -> dict[str, Any]:
+        st = self.stats
+        if not st.tokens_run or st.num_tokens is None:
+            return {}
+        per_step = [int(t) for t in torch.stack(st.tokens_run).tolist()]
+        return {
+            "num_tokens": st.num_tokens,
+            "tokens_per_call": per_step,
+            "token_fraction": sum(per_step) / (len(per_step) * st.num_tokens),
         }
 
 

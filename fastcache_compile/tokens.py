@@ -33,6 +33,12 @@ def motion_count(sal: torch.Tensor, x_hat: torch.Tensor, token_threshold: float)
     return int(moving.sum(-1).max())
 
 
+def moving_count(sal: torch.Tensor, x_hat: torch.Tensor, token_threshold: float) -> torch.Tensor:
+    """In-graph ``motion_count``: a () int64 tensor, so the bucket choice needs no host sync."""
+    ref = x_hat.float().pow(2).sum(-1).clamp_min(1e-12)
+    return ((sal / ref) > token_threshold**2).sum(-1).amax()
+
+
 def select(sal: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (B, k) of each sample's k most salient tokens, sorted so gathers keep token order."""
     idx = sal.topk(k, dim=-1).indices
@@ -65,16 +71,18 @@ def importance(density: torch.Tensor, temporal: torch.Tensor, lam: float) -> tor
     return density * (1.0 + lam * temporal)
 
 
-def merge(h: torch.Tensor, score: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(h: torch.Tensor, score: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge each sample's N tokens into ``keep`` clusters.
 
     The ``keep`` tokens of lowest importance (the least redundant) become cluster centres; every other
     token joins its nearest centre, and a cluster's value is the S-weighted mean of its members.
-    Returns merged (B, keep, D) and the assignment (B, N) token → cluster, used by ``unmerge``.
+    Returns merged (B, keep, D), the assignment (B, N) token → cluster used by ``unmerge``, and the
+    centres (B, keep): the token whose position (RoPE row) a cluster takes.
     """
     b, n, d = h.shape
     if keep >= n:
-        return h, torch.arange(n, device=h.device).expand(b, n)
+        ident = torch.arange(n, device=h.device).expand(b, n)
+        return h, ident, ident
     centres = score.topk(keep, dim=-1, largest=False).indices.sort(-1).values  # (B, keep)
     c = gather(h, centres)  # (B, keep, D)
     assign = torch.cdist(h.float(), c.float()).argmin(-1)  # (B, N)
@@ -85,7 +93,7 @@ def merge(h: torch.Tensor, score: torch.Tensor, keep: int) -> tuple[torch.Tensor
         1, assign.unsqueeze(-1).expand(-1, -1, d), h * w
     )
     den = torch.zeros(b, keep, 1, dtype=h.dtype, device=h.device).scatter_add(1, assign.unsqueeze(-1), w)
-    return num / den, assign
+    return num / den, assign, centres
 
 
 def unmerge(merged: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:

@@ -30,21 +30,21 @@ def test_exact_duplicates_merge_and_unmerge_losslessly():
     h = torch.cat([base, base], dim=1)  # every token has an exact twin: 6 tokens, 3 distinct
     dens = tokens.knn_density(h, k=1)
     assert torch.allclose(dens, torch.ones_like(dens))  # twins are at distance 0
-    merged, assign = tokens.merge(h, tokens.importance(dens, torch.zeros_like(dens), 0.5), keep=3)
+    merged, assign, _ = tokens.merge(h, tokens.importance(dens, torch.zeros_like(dens), 0.5), keep=3)
     assert merged.shape == (2, 3, 8)
     assert torch.allclose(tokens.unmerge(merged, assign), h, atol=1e-6)
 
 
 def test_ratio_zero_is_identity():
     h = torch.randn(2, 6, 4)
-    merged, assign = tokens.merge(h, torch.rand(2, 6), keep=6)
+    merged, assign, _ = tokens.merge(h, torch.rand(2, 6), keep=6)
     assert torch.equal(tokens.unmerge(merged, assign), h)
 
 
 def test_no_cross_sample_mixing():
     h = torch.randn(2, 6, 4)
     h[1] += 100.0  # the second sample lives far away
-    merged, assign = tokens.merge(h, torch.rand(2, 6), keep=2)
+    merged, assign, _ = tokens.merge(h, torch.rand(2, 6), keep=2)
     out = tokens.unmerge(merged, assign)
     # every reconstructed token of sample 0 is an average of sample-0 tokens only
     assert out[0].abs().max() < 50 and out[1].min() > 50

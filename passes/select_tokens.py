@@ -1,0 +1,487 @@
+"""Spatial token selection and kNN token merging around the block stack.
+
+Before (from ``outline_blocks``)::
+
+    x0 = <patch embedding ...>
+    out_0 = self.fastcache_block_0(x0, temb, ...); ...; out_L = self.fastcache_block_L(...)
+    y = getitem(out_L, 0); <final norm, unpatchify ...>
+
+After ``split_stack`` the blocks and the glue between them are one submodule ``fastcache_stack_0``;
+``insert_token_select`` replaces that call by a ``TokenStack`` whose branches are::
+
+    full            every token; per-block cache (``insert_cache``) inside
+    reduced(k[, m]) per sample the k most salient tokens (saliency ‖x0_i − x̂0_i‖² against the
+                    last step that computed token i) are gathered, optionally merged to m
+                    clusters, run through the stack re-specialised to that many tokens, and
+                    scattered back; every other token gets x0_i + r̂_i (its cached residual)
+
+chosen in-graph with nested ``torch.cond`` on the number of moving tokens rounded up to a bucket.
+Every branch is static-shaped, so one compiled graph covers all buckets and no step recompiles.
+The stack state ``x̂0, r̂`` (stack entry and stack residual per token) is functional like the
+block state: inputs and outputs of the graph.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+from fastcache_compile import tokens as T
+
+from .insert_cache import _block_calls, _contiguous_strides, _tracing, insert_cache, insert_recording
+from .outline_blocks import _value
+from .retarget import RetargetError, clone_graph_module, retarget, verify_by_tiling
+
+STACK = "fastcache_stack_0"
+_TILING_TOLERANCE = 1e-3
+
+
+class TokenPlanError(RuntimeError):
+    """Token selection cannot be applied to this graph (the caller falls back to block caching)."""
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """A per-token input beside the hidden states (RoPE rows, position ids) and how to gather it."""
+
+    dim: int  # its token axis
+    shared: bool  # no batch axis: one row set serves the whole batch
+    offset: int  # rows [0, offset) belong to a concatenated text sequence and always stay
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    num_inputs: int
+    stream: int  # stack input holding the image tokens entering the stack
+    out: int  # stack output holding their final value
+    num_outputs: int
+    num_tokens: int
+    token_inputs: dict[int, TokenInput]
+
+    @property
+    def shared(self) -> bool:
+        # A batch-free positional input admits one token set per batch; values never mix.
+        return any(t.shared for t in self.token_inputs.values())
+
+
+# -- graph surgery ---------------------------------------------------------------------------------
+def split_stack(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fuse the outlined blocks and everything between them into one ``fastcache_stack_0`` call."""
+    calls = _block_calls(gm)
+    first, last = calls[0], calls[-1]
+    after: set[fx.Node] = set()
+    todo = [first]
+    while todo:
+        node = todo.pop()
+        if node not in after:
+            after.add(node)
+            todo.extend(node.users)
+    before: set[fx.Node] = set()
+    todo = [last]
+    while todo:
+        node = todo.pop()
+        if node not in before:
+            before.add(node)
+            todo.extend(n for n in node.all_input_nodes)
+    region = after & before
+    for call in calls:  # the blocks' output getitems travel with them
+        region |= {u for u in call.users if u.op == "call_function" and u.target is operator.getitem}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    partition = {n: None for n in sorted(region, key=order.__getitem__)}
+    fused = fuse_by_partitions(gm, [partition], prefix="fastcache_stack_", always_return_tuple=True)
+    fused.meta.update(gm.meta)
+    # The fuser creates placeholders where first used; later passes append state inputs after the
+    # last placeholder, so all of them must come first.
+    stack = getattr(fused, STACK)
+    head = next(n for n in stack.graph.nodes if n.op != "placeholder")
+    for ph in [n for n in stack.graph.nodes if n.op == "placeholder"]:
+        head.prepend(ph)
+    stack.recompile()
+    return fused
+
+
+def _stack_call(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == STACK)
+
+
+def _capture_stack_args(gm: fx.GraphModule, args: Sequence[Any]) -> list[Any]:
+    """The values entering the stack for these graph inputs (one eager run of the prologue)."""
+    captured: list[Any] = []
+
+    class _Stop(Exception):
+        pass
+
+    class Capture(fx.Interpreter):
+        def call_module(self, target, args_, kwargs):
+            if target == STACK:
+                captured.extend(args_)
+                raise _Stop
+            return super().call_module(target, args_, kwargs)
+
+    with torch.no_grad():
+        try:
+            Capture(gm).run(*args)
+        except _Stop:
+            pass
+    return captured
+
+
+def plan_tokens(gm: fx.GraphModule, stack_args: list[Any]) -> TokenPlan:
+    """Which stack input / output carry the image tokens, and which inputs are per-token."""
+    stack: fx.GraphModule = getattr(gm, STACK)
+    call = _stack_call(gm)
+    out_vals = [_value(a) for a in next(n for n in stack.graph.nodes if n.op == "output").args[0]]
+    used = {u.args[1] for u in call.users if u.op == "call_function" and u.target is operator.getitem}
+    first = _block_calls(stack)[0]
+    stack_ph = [n for n in stack.graph.nodes if n.op == "placeholder"]
+    stream_inputs = [
+        stack_ph.index(first.args[p]) for p in first.meta["fastcache_streams"] if first.args[p] in stack_ph
+    ]
+    if not stream_inputs:
+        raise TokenPlanError("the first block's hidden states do not enter the stack as an input")
+    if any(not isinstance(a, torch.Tensor) for a in stack_args):
+        raise TokenPlanError("a non-tensor value enters the block stack")
+    shapes = {p: tuple(stack_args[p].shape) for p in stream_inputs}
+    # The image stream: the stream whose final value leaves the stack (text streams end inside it).
+    outs = [
+        (j, v)
+        for j, v in enumerate(out_vals)
+        if j in used and isinstance(v, torch.Tensor) and any(tuple(v.shape) == s for s in shapes.values())
+    ]
+    if not outs:
+        raise TokenPlanError("no stack output has the shape of a hidden-state stream")
+    out, val = max(outs, key=lambda jv: jv[1].shape[1])
+    matches = [p for p, s in shapes.items() if s == tuple(val.shape)]
+    if len(matches) != 1:
+        raise TokenPlanError("image and text streams have the same shape; cannot tell which tokens to select")
+    stream = matches[0]
+    batch, n = shapes[stream][0], shapes[stream][1]
+    others = [shapes[p][1] for p in stream_inputs if p != stream]
+    for j, v in enumerate(out_vals):
+        if j != out and j in used and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == n:
+            raise TokenPlanError(f"stack output {j} of shape {tuple(v.shape)} is per image token too")
+
+    token_inputs: dict[int, TokenInput] = {}
+    for p, a in enumerate(stack_args):
+        if p in stream_inputs or isinstance(a, nn.Parameter) or stack_ph[p].name.lower().startswith("l_self_"):
+            continue
+        # Feature axes come last; a token axis is any other axis of length N (or N + text length).
+        hits = [(d, size - n) for d, size in enumerate(a.shape[:-1]) if size == n or (size - n) in others]
+        if not hits:
+            continue
+        if len(hits) > 1:
+            raise TokenPlanError(f"input {stack_ph[p].name} {tuple(a.shape)} has several axes of token length")
+        dim, offset = hits[0]
+        if a.dim() >= 3 and dim >= 1 and a.shape[0] in (1, batch):
+            token_inputs[p] = TokenInput(dim, False, offset)
+        elif dim == 0:
+            token_inputs[p] = TokenInput(0, True, offset)
+        else:
+            raise TokenPlanError(f"per-token input {stack_ph[p].name} {tuple(a.shape)} has no usable layout")
+    return TokenPlan(len(stack_args), stream, out, len(out_vals), n, token_inputs)
+
+
+def gather_rows(t: torch.Tensor, rows: torch.Tensor, spec: TokenInput) -> torch.Tensor:
+    """The rows of a per-token input that belong to the gathered tokens ``rows`` (B, r)."""
+    if spec.offset:
+        keep = torch.arange(spec.offset, device=rows.device).expand(rows.shape[0], spec.offset)
+        rows = torch.cat([keep, rows + spec.offset], dim=1)
+    if spec.shared:
+        return t.index_select(spec.dim, rows[0])
+    t = t.expand(rows.shape[0], *t.shape[1:])
+    shape = [1] * t.dim()
+    shape[0], shape[spec.dim] = rows.shape[0], rows.shape[1]
+    index = rows.reshape(shape)
+    expand = list(t.shape)
+    expand[spec.dim] = rows.shape[1]
+    return t.gather(spec.dim, index.expand(expand))
+
+
+def _small_args(plan: TokenPlan, stack_args: list[Any], k: int) -> list[Any]:
+    rows = torch.arange(k).expand(stack_args[plan.stream].shape[0], k)
+    small = list(stack_args)
+    small[plan.stream] = T.gather(stack_args[plan.stream], rows)
+    for p, spec in plan.token_inputs.items():
+        small[p] = gather_rows(stack_args[p], rows, spec)
+    return small
+
+
+def reduced_stacks(
+    gm: fx.GraphModule, plan: TokenPlan, stack_args: list[Any], counts: Sequence[int]
+) -> dict[int, fx.GraphModule]:
+    """The stack re-specialised to each token count in ``counts``, checked before use."""
+    stack: fx.GraphModule = getattr(gm, STACK)
+    x0 = stack_args[plan.stream]
+    batch, n = x0.shape[0], x0.shape[1]
+    others = {int(a.shape[1]) for p, a in enumerate(stack_args) if p != plan.stream and a.dim() == 3}
+
+    def sizes(k: int) -> dict[int, int]:
+        table = {n: k, batch * n: batch * k}
+        table.update({n + m: k + m for m in others})
+        return table
+
+    single_stream = not any(t.offset for t in plan.token_inputs.values()) and not [
+        c for c in _block_calls(stack) if len(c.meta["fastcache_streams"]) > 1
+    ]
+    reference: set | None = None
+    if single_stream and n % 2 == 0 and n >= 4:
+        # Check the substitution pattern numerically once, at k = N/2 (see verify_by_tiling).
+        k = n // 2
+        small = _small_args(plan, stack_args, k)
+        verified, _, changes = retarget(stack, small, sizes(k))
+        err = verify_by_tiling(
+            lambda a: list(stack(*a)),
+            lambda a: list(verified(*a)),
+            stack_args,
+            small,
+            plan.stream,
+            {p: t.dim for p, t in plan.token_inputs.items()},
+            plan.out,
+            2,
+        )
+        if not err < _TILING_TOLERANCE:
+            raise TokenPlanError(f"the stack re-specialised to {k} tokens disagrees with the original ({err:.2e})")
+        reference = set(changes)
+    out: dict[int, fx.GraphModule] = {}
+    for k in sorted(set(counts)):
+        small = _small_args(plan, stack_args, k)
+        try:
+            new, outs, changes = retarget(stack, small, sizes(k))
+        except RetargetError as err:
+            raise TokenPlanError(f"cannot run the blocks on {k} of {n} tokens: {err}") from err
+        if reference is not None and set(changes) != reference:
+            raise TokenPlanError(f"token count {k} is ambiguous with another size in the blocks")
+        if tuple(outs[plan.out].shape) != (batch, k, x0.shape[2]):
+            raise TokenPlanError(f"blocks on {k} tokens returned shape {tuple(outs[plan.out].shape)}")
+        out[k] = new
+    return out
+
+
+# -- the runtime module ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Branch:
+    select: int  # tokens gathered per sample
+    run: int  # tokens the blocks run on (< select when merging)
+
+
+def branches(n: int, buckets: Sequence[float], select: bool, merge: bool, merge_ratio: float) -> list[Branch]:
+    """Reduced branches, smallest first; the full-size bucket is the full branch, not listed here."""
+    sizes = sorted({max(1, math.ceil(f * n)) for f in buckets}) if select else [n]
+    out = []
+    for k in sizes:
+        m = max(1, math.ceil(k * (1.0 - merge_ratio))) if merge else k
+        if m < n:
+            out.append(Branch(k, m))
+    return out
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class TokenStack(nn.Module):
+    """``(*stack_inputs, *block_state, x̂0, r̂, step, force)`` →
+    ``(*stack_outputs, *block_state', computed, x̂0', r̂', tokens_run)``."""
+
+    def __init__(
+        self,
+        full: fx.GraphModule,
+        reduced: dict[int, fx.GraphModule],
+        plan: TokenPlan,
+        branch_list: list[Branch],
+        num_block_state: int,
+        num_blocks: int,
+        token_threshold: float,
+        merge_k: int,
+        merge_lambda: float,
+    ) -> None:
+        super().__init__()
+        self.full = full
+        self.reduced = nn.ModuleDict({str(k): g for k, g in reduced.items()})
+        self.plan = plan
+        self.branch_list = branch_list
+        self.num_block_state = num_block_state
+        self.num_blocks = num_blocks
+        self.token_threshold = token_threshold
+        self.merge_k = merge_k
+        self.merge_lambda = merge_lambda
+
+    def _unpack(self, ops: Sequence[torch.Tensor]) -> tuple:
+        n_in, n_bs = self.plan.num_inputs, self.num_block_state
+        inputs = list(ops[:n_in])
+        bstate = list(ops[n_in : n_in + n_bs])
+        xh0, rh, step, force = ops[n_in + n_bs : n_in + n_bs + 4]
+        return inputs, bstate, xh0, rh, step, force
+
+    def _full(self, *ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs, bstate, _, _, step, force = self._unpack(ops)
+        res = list(self.full(*inputs, *bstate, step, force))
+        n_out = self.plan.num_outputs
+        outs, new_bstate, computed = res[:n_out], res[n_out:-1], res[-1]
+        x0, y = inputs[self.plan.stream], outs[self.plan.out]
+        run = torch.full((), float(self.plan.num_tokens), device=x0.device)
+        return (*map(_clone, outs), *map(_clone, new_bstate), computed.clone(), _clone(x0), _clone(y - x0), run)
+
+    def _reduced(self, branch: Branch) -> Callable[..., tuple[torch.Tensor, ...]]:
+        plan = self.plan
+
+        def run(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            inputs, bstate, xh0, rh, _, _ = self._unpack(ops)
+            x0 = inputs[plan.stream]
+            sal = T.saliency(x0, xh0)
+            if plan.shared:
+                sal = sal.amax(0, keepdim=True).expand_as(sal)
+            idx = T.select(sal, branch.select)  # (B, k): per sample, in token order
+            xk = T.gather(x0, idx)
+            rows, h = idx, xk
+            if branch.run < branch.select:
+                sal_k = sal.gather(1, idx)
+                temporal = sal_k / sal_k.amax(-1, keepdim=True).clamp_min(1e-12)
+                score = T.importance(T.knn_density(xk, self.merge_k), temporal, self.merge_lambda)
+                if plan.shared:  # batch-free positions: the same centres in every sample
+                    score = score.mean(0, keepdim=True).expand_as(score)
+                h, assign, centres = T.merge(xk, score, branch.run)
+                rows = idx.gather(1, centres)
+            small = list(inputs)
+            small[plan.stream] = h
+            for p, spec in plan.token_inputs.items():
+                small[p] = gather_rows(inputs[p], rows, spec)
+            outs = list(self.reduced[str(branch.run)](*small))
+            r = outs[plan.out] - h
+            if branch.run < branch.select:
+                r = T.unmerge(r, assign)  # every member of a cluster gets its cluster's update
+            # Static tokens: stack entry plus their cached stack residual.
+            outs[plan.out] = T.scatter(x0 + rh.to(x0.dtype), idx, xk + r)
+            new_xh0 = T.scatter(xh0, idx, xk.to(xh0.dtype))
+            new_rh = T.scatter(rh, idx, r.to(rh.dtype))
+            computed = torch.ones(self.num_blocks, dtype=torch.bool, device=x0.device)
+            count = torch.full((), float(branch.run), device=x0.device)
+            return (*map(_clone, outs), *map(_clone, bstate), computed, new_xh0, new_rh, count)
+
+        return run
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs, _, xh0, _, _, _ = self._unpack(flat)
+        x0 = inputs[self.plan.stream]
+        moving = T.moving_count(T.saliency(x0, xh0), xh0, self.token_threshold)  # () int64, max over batch
+        # ``moving`` rides along as the last operand: cond branches may not close over traced tensors.
+        operands = (*flat, moving)
+        if _tracing(operands):  # as in CachedBlock: a forced layout, and no operand aliases another
+            operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
+        else:
+            operands = tuple(o.contiguous() for o in operands)
+
+        def choose(i: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+            if i == len(self.branch_list):
+                return self._full
+            branch = self.branch_list[i]
+
+            def pick(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                force, moving = ops[-2], ops[-1]
+                fits = torch.logical_and(moving <= branch.select, torch.logical_not(force))
+                return tuple(torch.ops.higher_order.cond(fits, self._reduced(branch), choose(i + 1), ops))
+
+            return pick
+
+        return choose(0)(*operands)
+
+
+def insert_token_select(
+    outlined: fx.GraphModule,
+    args: Sequence[Any],
+    *,
+    tau: float,
+    alpha: float,
+    form: str,
+    params: dict[int, dict[str, torch.Tensor]] | None,
+    buckets: Sequence[float],
+    select: bool,
+    token_threshold: float,
+    merge: bool,
+    merge_ratio: float,
+    merge_k: int,
+    merge_lambda: float,
+) -> tuple[fx.GraphModule, fx.GraphModule, TokenPlan, list[Branch]]:
+    """The ``init`` and ``cached`` graphs with token selection; raises ``TokenPlanError`` if unsupported."""
+    gm = split_stack(clone_graph_module(outlined))
+    stack_args = _capture_stack_args(gm, args)
+    plan = plan_tokens(gm, stack_args)
+    branch_list = branches(plan.num_tokens, buckets, select, merge, merge_ratio)
+    reduced = reduced_stacks(gm, plan, stack_args, [b.run for b in branch_list])
+    stack: fx.GraphModule = getattr(gm, STACK)
+    num_blocks = len(_block_calls(stack))
+
+    cached_stack = insert_cache(clone_graph_module(stack), tau, alpha, form, params)
+    lays = cached_stack.meta["fastcache_layouts"]
+    n_bs = sum(lay.num_state for lay in lays)
+    token_stack = TokenStack(
+        cached_stack, reduced, plan, branch_list, n_bs, num_blocks, token_threshold, merge_k, merge_lambda
+    )
+    cached = _wire(clone_graph_module(gm), token_stack, n_bs, plan, with_state=True)
+    cached.meta["fastcache_layouts"] = lays
+
+    init_stack = _InitStack(insert_recording(clone_graph_module(stack)), plan)
+    init = _wire(clone_graph_module(gm), init_stack, n_bs, plan, with_state=False)
+    init.meta["fastcache_layouts"] = lays
+    return init, cached, plan, branch_list
+
+
+class _InitStack(nn.Module):
+    """First call of a generation: every block on every token; emits the block and stack state."""
+
+    def __init__(self, recording: fx.GraphModule, plan: TokenPlan) -> None:
+        super().__init__()
+        self.recording = recording
+        self.plan = plan
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs, step = flat[:-1], flat[-1]
+        res = list(self.recording(*inputs, step))
+        n_out = self.plan.num_outputs
+        outs, bstate, computed = res[:n_out], res[n_out:-1], res[-1]
+        x0, y = inputs[self.plan.stream], outs[self.plan.out]
+        run = torch.full((), float(self.plan.num_tokens), device=x0.device)
+        # x̂0 must be its own tensor: block 0's state already holds x0, and state inputs may not alias.
+        return (*outs, *bstate, computed, _clone(x0), (y - x0).contiguous(), run)
+
+
+def _wire(gm: fx.GraphModule, module: nn.Module, n_bs: int, plan: TokenPlan, with_state: bool) -> fx.GraphModule:
+    """Call ``module`` in place of the stack; graph output becomes
+    ``(*outputs, *block_state, x̂0, r̂, computed, tokens_run)``."""
+    graph = gm.graph
+    call = _stack_call(gm)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = [f"fc_state_{i}" for i in range(n_bs)] + ["fc_x0_hat", "fc_r_hat", "fc_step", "fc_force"]
+    if not with_state:
+        names = ["fc_step"]
+    anchor, new_inputs = placeholders[-1], []
+    for name in names:
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(name)
+        new_inputs.append(anchor)
+    gm.add_submodule("fastcache_tokens", module)
+    with graph.inserting_after(call):
+        new_call = graph.call_module("fastcache_tokens", (*call.args, *new_inputs))
+    call.replace_all_uses_with(new_call)
+    graph.erase_node(call)
+    gm.delete_submodule(STACK)
+    n_out = plan.num_outputs
+    with graph.inserting_after(new_call):
+        get = [graph.call_function(operator.getitem, (new_call, n_out + j)) for j in range(n_bs + 4)]
+    bstate, computed, xh0, rh, count = get[:n_bs], get[n_bs], get[n_bs + 1], get[n_bs + 2], get[n_bs + 3]
+    output = next(n for n in graph.nodes if n.op == "output")
+    orig = output.args[0]
+    orig_list = list(orig) if isinstance(orig, (tuple, list)) else [orig]
+    output.args = ((*orig_list, *bstate, xh0, rh, computed, count),)
+    gm.meta["fastcache_num_outputs"] = len(orig_list)
+    gm.meta["fastcache_output_is_seq"] = isinstance(orig, (tuple, list))
+    graph.lint()
+    gm.recompile()
+    return gm

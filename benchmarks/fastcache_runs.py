@@ -73,7 +73,8 @@ class Compiled:
         return fastcache_compile.stats(self.model) if self.is_fastcache else {}
 
     def flops_skipped(self, attention_fraction_of_block: float) -> float:
-        return float(self.stats().get("skip_ratio", 0.0))
+        # With token selection a block that ran on k of N tokens counts k/N of its work.
+        return 1.0 - float(self.stats().get("work_fraction", 1.0))
 
 
 def fastcache_options(

@@ -228,6 +228,11 @@ def export_onnx(
 
     say = progress or log.info
     config = FastCacheConfig.from_options(options)
+    if config.token_select or config.token_merge:
+        raise ValueError(
+            "export covers block-level caching only; drop token_select / token_merge from the export options "
+            "(they stay available under torch.compile)"
+        )
     calib = _calibration.load(config.calibration) if config.calibration is not None else None
     form = resolve_form(config.approximation, calib)
     examples = [example_inputs] if isinstance(example_inputs, Mapping) else list(example_inputs)

@@ -57,11 +57,14 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         prev = total.get("per_block_skipped", [])
         cur = s["per_block_skipped"]
         total["per_block_skipped"] = [a + b for a, b in zip(prev, cur)] if prev else list(cur)
+        total["_work"] = total.get("_work", 0.0) + s["work_fraction"] * s["calls"]
         if "tokens_per_call" in s:  # token selection: tokens run through the blocks per call
             total.setdefault("tokens_per_call", []).extend(s["tokens_per_call"])
             total["num_tokens"] = s["num_tokens"]
     if "tokens_per_call" in total:
         total["token_fraction"] = sum(total["tokens_per_call"]) / (len(total["tokens_per_call"]) * total["num_tokens"])
+    # Share of the block stack's token-blocks that ran: block skips and token selection together.
+    total["work_fraction"] = total.pop("_work") / total["calls"] if total["calls"] else 1.0
     blocks = total["blocks_computed"] + total["blocks_skipped"]
     total["skip_ratio"] = total["blocks_skipped"] / blocks if blocks else 0.0
     return total

@@ -111,6 +111,7 @@ class _Stats:
     generations: int = 0
     computed: torch.Tensor | None = None  # (num_blocks,) int64 running sum, on the model's device
     tokens_run: list[torch.Tensor] = field(default_factory=list)  # per call: tokens through the blocks
+    work: torch.Tensor | None = None  # running sum over calls of (blocks run × tokens run) / (blocks × N)
     num_tokens: int | None = None
 
 
@@ -237,6 +238,10 @@ class CacheRuntime:
         st.calls += 1
         flags = computed.to(torch.int64)
         st.computed = flags if st.computed is None else st.computed + flags
+        work = computed.float().mean()
+        if variant.tokens is not None:
+            work = work * st.tokens_run[-1] / variant.tokens["num_tokens"]
+        st.work = work if st.work is None else st.work + work
         return tuple(outs[:n_out]) if variant.seq_output else outs[0]
 
     def summary(self) -> dict[str, Any]:
@@ -250,6 +255,7 @@ class CacheRuntime:
             "blocks_skipped": st.calls * n_blocks - int(sum(per_block)),
             "per_block_skipped": [st.calls - c for c in per_block],
             "compiled_variants": 2 * len(self.variants) + (self._plain is not None),
+            "work_fraction": float(st.work) / st.calls if st.work is not None and st.calls else 1.0,
             **self._token_summary(),
         }
 

@@ -172,10 +172,13 @@ def plan_tokens(gm: fx.GraphModule, stack_args: list[Any]) -> TokenPlan:
     for p, a in enumerate(stack_args):
         if p in stream_inputs or isinstance(a, nn.Parameter) or stack_ph[p].name.lower().startswith("l_self_"):
             continue
-        # Feature axes come last; a token axis is any other axis of length N (or N + text length).
+        # A token axis is an axis of length N (or N + text length) before the last, feature, axis. A last
+        # axis as long as a token axis makes a pair table (an attention bias): tokens on both sides.
         hits = [(d, size - n) for d, size in enumerate(a.shape[:-1]) if size == n or (size - n) in others]
         if not hits:
             continue
+        if any(a.shape[d] == a.shape[-1] for d, _ in hits):
+            hits.append((a.dim() - 1, hits[0][1]))
         if len(hits) > 1:
             raise TokenPlanError(f"input {stack_ph[p].name} {tuple(a.shape)} has several axes of token length")
         dim, offset = hits[0]
@@ -235,7 +238,10 @@ def reduced_stacks(
         # Check the substitution pattern numerically once, at k = N/2 (see verify_by_tiling).
         k = n // 2
         small = _small_args(plan, stack_args, k)
-        verified, _, changes = retarget(stack, small, sizes(k))
+        try:
+            verified, _, changes = retarget(stack, small, sizes(k))
+        except RetargetError as err:
+            raise TokenPlanError(f"cannot run the blocks on {k} of {n} tokens: {err}") from err
         err = verify_by_tiling(
             lambda a: list(stack(*a)),
             lambda a: list(verified(*a)),

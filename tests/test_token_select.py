@@ -181,7 +181,7 @@ def test_positional_rows_travel_with_the_tokens(built):
         assert torch.equal(small[p], args1[p].expand_as(small[p]))  # rows of frame 0 = a 1-frame video's table
         other = gather_rows(args3[p], torch.arange(k, 2 * k).expand(2, k), spec)
         assert not torch.equal(other, small[p])
-    small_stack, outs, _ = retarget(gm3.fastcache_stack_0, small, {n: k, 2 * n: 2 * k})
+    _, outs, _ = retarget(gm3.fastcache_stack_0, small, {n: k, 2 * n: 2 * k})
     one_frame = list(args1)
     one_frame[plan1.stream] = small[plan3.stream]
     with torch.no_grad():

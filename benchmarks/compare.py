@@ -64,6 +64,7 @@ class Plan:
     shadow_samples: int  # samples of the eager shadow run that measures bound violations
     calibration_generations: int  # generations of 4 samples for fastcache_compile.calibrate
     fastcache: tuple[tuple[str, float, str], ...]  # (approximation, τ, lowering) per fastcache row
+    tokens: tuple[tuple[float, float, bool], ...]  # (τ, token_threshold, merge) per fastcache+tokens row
     fora: tuple[int, ...]
     fbc: tuple[float, ...]
     teacache: tuple[float, ...]
@@ -86,11 +87,13 @@ DEFAULT = Plan(
     "default", 80, 40, DEFAULT_STEPS, 16, 4,
     # every skip-path form at the same τ values (Inductor), so forms compare at equal skip rates
     (*_grid(("linear", "trajectory", "reuse"), (0.03, 0.05, 0.1), ("inductor",)), ("auto", 0.05, "eager")),
+    ((0.03, 0.05, False), (0.03, 0.1, False), (0.03, 0.05, True)),
     (2, 3), (0.07, 0.1), (0.05, 0.1), (0.07, 0.1), (2, 3), (2, 3), (0.02, 0.06),
 )  # fmt: skip
 QUICK = Plan(
     "quick", 16, 16, 20, 8, 2,
     (("auto", 0.1, "inductor"), ("auto", 0.1, "eager"), ("reuse", 0.1, "eager")),
+    ((0.05, 0.1, False), (0.05, 0.1, True)),
     (2,), (0.1,), (0.1,), (0.1,), (2,), (2,), (0.06,),
 )  # fmt: skip
 
@@ -211,6 +214,14 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
         method = "fastcache" if approximation == "auto" else f"fastcache-{approximation}"
         runners.append(Compiled(m, method, f"τ={tau:g}", low, opts))
         runners[-1].notes = f"approximation auto → {form}" if approximation == "auto" else ""
+    for tau, theta, merge in p.tokens:
+        # Token selection (and merging) on top of the block cache, fitted forms incl. W_s (see
+        # benchmarks/token_select.py for the sweep at 256 tokens).
+        opts = fastcache_options(tau, "auto", "inductor", p.steps, calib, alpha)
+        opts.update(token_select=True, token_threshold=theta, token_merge=merge, merge_ratio=0.5)
+        method = "fastcache+tokens+merge" if merge else "fastcache+tokens"
+        setting = f"τ={tau:g} θ={theta:g}" + (" r=0.5" if merge else "")
+        runners.append(Compiled(m, method, setting, "inductor", opts))
     return runners
 
 
@@ -326,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise RuntimeError(f"the uncached reference run failed: {row.get('error')}")
             bench.ref = img
             row.update(psnr=None, ssim=1.0, rel_l2=0.0)
-        if isinstance(runner, Compiled) and runner.is_fastcache:
+        if isinstance(runner, Compiled) and runner.is_fastcache and not runner.options.get("token_select"):
+            # (the shadow check covers block skips; token rows have no per-block bound to check)
             key = (runner.options["threshold"], runner.options["approximation"])
             if key not in shadows:
                 try:

@@ -54,7 +54,9 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float, bias: bool = True) -> tu
         x_mean, y_mean = x64.mean(0), y64.mean(0)
         x64, y64 = x64 - x_mean, y64 - y_mean  # centring = an unpenalised intercept
     gram = x64.T @ x64 + lam * torch.eye(x64.shape[1], dtype=torch.float64)  # (d, d)
-    w = torch.linalg.solve(gram, x64.T @ y64).T  # (e, d)
+    # A constant input (a text stream no step changes) gives x = 0 and lam = 0: solve in the
+    # least-squares sense, which returns the minimum-norm map (0 for x = 0) instead of failing.
+    w = torch.linalg.lstsq(gram, x64.T @ y64).solution.T  # (e, d)
     b = (y_mean - w @ x_mean) if bias else torch.zeros(w.shape[0], dtype=torch.float64)
     return w.float(), b.float()
 

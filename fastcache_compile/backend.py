@@ -108,6 +108,8 @@ def fastcache_backend(
                     merge_ratio=config.merge_ratio,
                     merge_k=config.merge_k,
                     merge_lambda=config.merge_lambda,
+                    # the static-token correction is a fitted map: used with the fitted forms only
+                    static_w=calib.stack_params().get("w") if calib is not None and form != "reuse" else None,
                 )
                 token_info = {"num_tokens": plan.num_tokens, "branches": [(b.select, b.run) for b in branch_list]}
             except TokenPlanError as err:

@@ -6,7 +6,9 @@ residual ``r = y − x`` per step, and fits by closed form (``approx.ridge`` / `
 
 * ``trajectory``: one β per block for ``y ≈ x + r̂ + β (r̂ − r̂′)(t − s)/(s − s′)``,
 * ``linear``: ``A − I`` per block output for ``y ≈ ŷ + A (x − x̂)`` (ridge towards plain reuse),
-* ``direct``: ``W, b`` per block output for ``y ≈ W x + b``.
+* ``direct``: ``W, b`` per block output for ``y ≈ W x + b``,
+* ``W_s`` for the block stack as a whole, ``R ≈ R̂ + (x0 − x̂0) W_sᵀ``: the correction token selection
+  adds to the cached output of tokens it does not run.
 
 Each form is scored on held-out steps (skips of 1–3 steps, the situation it is used in) and the
 best becomes ``recommended``. The file is safetensors with a fingerprint of the model (block count,
@@ -73,6 +75,10 @@ class Calibration:
             if kind in prefix:
                 out.setdefault(int(block), {})["_".join([kind, *rest])] = value
         return out
+
+    def stack_params(self) -> dict[str, torch.Tensor]:
+        """``W_s`` of the static-token correction (token selection), if this file has one."""
+        return {"w": self.tensors["stack.w"]} if "stack.w" in self.tensors else {}
 
     def check(self, outlined: fx.GraphModule, args: list[Any]) -> None:
         mine = graph_fingerprint(outlined, args)
@@ -188,6 +194,68 @@ def _fit(seqs: list[list], layouts: list[Any], ridge: float) -> dict[str, torch.
     return tensors
 
 
+def _stack_rows(step: list, layouts: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Block-stack entry ``x0`` and stack residual ``R = y_L − x0`` of the image stream at one step.
+
+    The image stream is block 0's stream with the most rows; its final value is the last block's
+    paired output of the same row count. Rows line up across blocks: ``_take`` samples the same rows
+    of every tensor with the same row count.
+    """
+    xs0 = step[0][0]
+    if not xs0:
+        return None
+    x0 = max(xs0, key=lambda x: x.shape[0])
+    if sum(x.shape[0] == x0.shape[0] for x in xs0) != 1:
+        return None  # image and text streams of the same length: ambiguous
+    last, (xs_l, rs_l) = layouts[-1], step[-1]
+    outs = [(k, last.streams.index(p)) for k, p in enumerate(last.pairs) if p is not None and rs_l[k].shape == x0.shape]
+    if len(outs) != 1:
+        return None
+    k, j = outs[0]
+    return x0, xs_l[j] + rs_l[k] - x0
+
+
+def _fit_stack(seqs: list[list], layouts: list[Any], ridge: float) -> dict[str, torch.Tensor]:
+    """``W_s`` for ``R ≈ R̂ + (x0 − x̂0) W_sᵀ``: the static-token correction of token selection."""
+    dx, dr = [], []
+    for gen in seqs:
+        rows = [_stack_rows(step, layouts) for step in gen]
+        if any(r is None for r in rows):
+            return {}
+        for s in range(len(rows)):
+            for g in _GAPS:
+                if s + g < len(rows):
+                    dx.append(rows[s + g][0] - rows[s][0])
+                    dr.append(rows[s + g][1] - rows[s][1])
+    if not dx:
+        return {}
+    dx_all, dr_all = torch.cat(dx), torch.cat(dr)
+    lam = ridge * float((dx_all**2).sum()) / max(dx_all.shape[0], 1)
+    w, _ = approx.ridge(dx_all, dr_all, lam, bias=False)
+    return {"stack.w": w}
+
+
+def _score_stack(seqs: list[list], layouts: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Held-out relative error of a static token's stack output, plain reuse vs. the ``W_s`` correction."""
+    if "stack.w" not in tensors:
+        return {}
+    errors: dict[str, list[float]] = {"reuse": [], "linear": []}
+    for gen in seqs:
+        rows = [_stack_rows(step, layouts) for step in gen]
+        if any(r is None for r in rows):
+            return {}
+        for s in range(len(rows)):
+            for g in _GAPS:
+                if s + g < len(rows):
+                    (x_s, r_s), (x_t, r_t) = rows[s], rows[s + g]
+                    y_t = x_t + r_t
+                    norm = float(y_t.norm()) + 1e-12
+                    errors["reuse"].append(float((approx.reuse(x_t, r_s) - y_t).norm()) / norm)
+                    pred = approx.linear(x_t, x_s, r_s, tensors["stack.w"])
+                    errors["linear"].append(float((pred - y_t).norm()) / norm)
+    return {f: sum(v) / len(v) for f, v in errors.items() if v}
+
+
 def _score(seqs: list[list], layouts: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean relative error of each form when block outputs are predicted 1–3 steps ahead."""
     errors: dict[str, list[float]] = {f: [] for f in approx.FORMS}
@@ -254,8 +322,10 @@ def calibrate(
     held = seqs[3::4] or seqs[-1:]
     train = [s for s in seqs if all(s is not h for h in held)] or seqs
     heldout = train is not seqs
-    scores = _score(held, rec.layouts, _fit(train, rec.layouts, ridge))
-    tensors = _fit(seqs, rec.layouts, ridge)
+    train_fit = _fit(train, rec.layouts, ridge) | _fit_stack(train, rec.layouts, ridge)
+    scores = _score(held, rec.layouts, train_fit)
+    stack_scores = _score_stack(held, rec.layouts, train_fit)
+    tensors = _fit(seqs, rec.layouts, ridge) | _fit_stack(seqs, rec.layouts, ridge)
     recommended = min(scores, key=scores.get)
     metrics = {
         "heldout_rel_error": scores,
@@ -263,6 +333,7 @@ def calibrate(
         "generations": len(seqs),
         "steps": sum(len(s) for s in seqs),
         "beta": [float(tensors[f"beta.{i}"]) for i in range(len(rec.layouts))],
+        "static_token_heldout_rel_error": stack_scores,
     }
     assert rec.fingerprint is not None
     calib = Calibration(rec.fingerprint, tensors, recommended, metrics)

@@ -33,6 +33,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
+from fastcache_compile import approx
 from fastcache_compile import tokens as T
 
 from .insert_cache import _block_calls, _contiguous_strides, _tracing, insert_cache, insert_recording
@@ -307,9 +308,14 @@ class TokenStack(nn.Module):
         token_threshold: float,
         merge_k: int,
         merge_lambda: float,
+        static_w: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.full = full
+        # W_s of the static-token correction; an operand of the branches like the block maps.
+        self.has_w = static_w is not None
+        if static_w is not None:
+            self.register_buffer("static_w", static_w, persistent=False)
         self.reduced = nn.ModuleDict({str(k): g for k, g in reduced.items()})
         self.plan = plan
         self.branch_list = branch_list
@@ -340,6 +346,7 @@ class TokenStack(nn.Module):
 
         def run(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
             inputs, bstate, xh0, rh, _, _ = self._unpack(ops)
+            static_w = ops[-1] if self.has_w else None
             x0 = inputs[plan.stream]
             sal = T.saliency(x0, xh0)
             if plan.shared:
@@ -363,8 +370,12 @@ class TokenStack(nn.Module):
             r = outs[plan.out] - h
             if branch.run < branch.select:
                 r = T.unmerge(r, assign)  # every member of a cluster gets its cluster's update
-            # Static tokens: stack entry plus their cached stack residual.
-            outs[plan.out] = T.scatter(x0 + rh.to(x0.dtype), idx, xk + r)
+            # Static tokens: stack entry plus their cached stack residual, corrected by W_s if fitted.
+            if static_w is None:
+                static = approx.reuse(x0, rh.to(x0.dtype))
+            else:
+                static = approx.linear(x0, xh0.to(x0.dtype), rh.to(x0.dtype), static_w)
+            outs[plan.out] = T.scatter(static, idx, xk + r)
             new_xh0 = T.scatter(xh0, idx, xk.to(xh0.dtype))
             new_rh = T.scatter(rh, idx, r.to(rh.dtype))
             computed = torch.ones(self.num_blocks, dtype=torch.bool, device=x0.device)
@@ -377,8 +388,9 @@ class TokenStack(nn.Module):
         inputs, _, xh0, _, _, _ = self._unpack(flat)
         x0 = inputs[self.plan.stream]
         moving = T.moving_count(T.saliency(x0, xh0), xh0, self.token_threshold)  # () int64, max over batch
-        # ``moving`` rides along as the last operand: cond branches may not close over traced tensors.
-        operands = (*flat, moving)
+        # ``moving`` (and W_s) ride along as operands: cond branches may not close over traced tensors.
+        operands = (*flat, moving, *([self.static_w] if self.has_w else []))
+        n_flat = len(flat)
         if _tracing(operands):  # as in CachedBlock: a forced layout, and no operand aliases another
             operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
         else:
@@ -390,7 +402,7 @@ class TokenStack(nn.Module):
             branch = self.branch_list[i]
 
             def pick(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                force, moving = ops[-2], ops[-1]
+                force, moving = ops[n_flat - 1], ops[n_flat]
                 fits = torch.logical_and(moving <= branch.select, torch.logical_not(force))
                 return tuple(torch.ops.higher_order.cond(fits, self._reduced(branch), choose(i + 1), ops))
 
@@ -414,6 +426,7 @@ def insert_token_select(
     merge_ratio: float,
     merge_k: int,
     merge_lambda: float,
+    static_w: torch.Tensor | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule, TokenPlan, list[Branch]]:
     """The ``init`` and ``cached`` graphs with token selection; raises ``TokenPlanError`` if unsupported."""
     gm = split_stack(clone_graph_module(outlined))
@@ -428,7 +441,7 @@ def insert_token_select(
     lays = cached_stack.meta["fastcache_layouts"]
     n_bs = sum(lay.num_state for lay in lays)
     token_stack = TokenStack(
-        cached_stack, reduced, plan, branch_list, n_bs, num_blocks, token_threshold, merge_k, merge_lambda
+        cached_stack, reduced, plan, branch_list, n_bs, num_blocks, token_threshold, merge_k, merge_lambda, static_w
     )
     cached = _wire(clone_graph_module(gm), token_stack, n_bs, plan, with_state=True)
     cached.meta["fastcache_layouts"] = lays

@@ -85,3 +85,26 @@ def test_calibrate_needs_three_steps():
     model = TinyDiT().eval()
     with pytest.raises(ValueError, match="at least 3 steps"):
         fc.calibrate(model, lambda m: sample(m, CASE, steps=2))
+
+
+def test_static_token_correction_is_fitted_and_used(fitted, tmp_path):
+    model, calib, path = fitted
+    w = calib.tensors["stack.w"]
+    assert w.shape == (64, 64) and w.abs().max() > 0
+    assert set(calib.metrics["static_token_heldout_rel_error"]) == {"reuse", "linear"}
+    opts = dict(lowering="eager", threshold=0.0, token_select=True, token_threshold=0.1, approximation="linear")
+
+    def tokens_run(calibration_file):
+        torch._dynamo.reset()
+        cm = torch.compile(model, backend="fastcache", options={**opts, "calibration": str(calibration_file)})
+        out = sample(cm, CASE, steps=8, seed=9)
+        assert min(fc.stats(cm)["tokens_per_call"]) < 16  # static tokens existed
+        return out
+
+    with_w = tokens_run(path)
+    zeroed = calibration.load(path)
+    zeroed.tensors["stack.w"] = torch.zeros_like(w)
+    zero_path = tmp_path / "zero_w.safetensors"
+    zeroed.save(zero_path)
+    # identical up to the static-token correction: W_s = 0 reduces it to plain residual reuse
+    assert not torch.equal(with_w, tokens_run(zero_path))

@@ -86,6 +86,7 @@ def sample(
     guidance: float = DEFAULT_GUIDANCE,
     cfg: CfgMode = "batch",
     scheduler: DDIMScheduler | None = None,
+    size: int | None = None,
 ) -> torch.Tensor:
     """Generate ``len(labels)`` images (N, 1, 32, 32) clamped to [-1, 1].
 
@@ -94,13 +95,15 @@ def sample(
     ``cfg="batch"`` runs conditional and unconditional halves as one batch of 2N (one model call per
     step); ``cfg="split"`` makes two calls per step, conditional first, as some pipelines do.
     ``guidance <= 1`` disables classifier-free guidance (one conditional call per step).
+    ``size`` overrides the trained resolution (sin-cos positions are recomputed for other sizes).
     """
     if cfg not in ("batch", "split"):
         raise ValueError(f"cfg must be 'batch' or 'split', got {cfg!r}")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     n = labels.shape[0]
     config = transformer.config
-    shape = (config.in_channels, config.sample_size, config.sample_size)
+    side = size or config.sample_size
+    shape = (config.in_channels, side, side)
     x = initial_noise(_seeds(seed, n), shape)  # (N, C, H, W)
     sched = scheduler if scheduler is not None else load_scheduler()
     sched.set_timesteps(steps)

@@ -316,6 +316,10 @@ class TokenStack(nn.Module):
         self.has_w = static_w is not None
         if static_w is not None:
             self.register_buffer("static_w", static_w, persistent=False)
+        # The block maps of the full stack (β, A − I, ...) must enter the branches as operands too:
+        # a buffer read inside a traced cond branch would be a closure over a tensor of the outer trace.
+        self._full_buffers = [name for name, _ in full.named_buffers()]
+        self._n_flat = plan.num_inputs + num_block_state + 4  # stack inputs, block state, x̂0, r̂, step, force
         self.reduced = nn.ModuleDict({str(k): g for k, g in reduced.items()})
         self.plan = plan
         self.branch_list = branch_list
@@ -334,7 +338,8 @@ class TokenStack(nn.Module):
 
     def _full(self, *ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs, bstate, _, _, step, force = self._unpack(ops)
-        res = list(self.full(*inputs, *bstate, step, force))
+        buffers = dict(zip(self._full_buffers, ops[len(ops) - len(self._full_buffers) :]))
+        res = list(torch.func.functional_call(self.full, buffers, (*inputs, *bstate, step, force)))
         n_out = self.plan.num_outputs
         outs, new_bstate, computed = res[:n_out], res[n_out:-1], res[-1]
         x0, y = inputs[self.plan.stream], outs[self.plan.out]
@@ -346,7 +351,7 @@ class TokenStack(nn.Module):
 
         def run(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
             inputs, bstate, xh0, rh, _, _ = self._unpack(ops)
-            static_w = ops[-1] if self.has_w else None
+            static_w = ops[self._n_flat + 1] if self.has_w else None
             x0 = inputs[plan.stream]
             sal = T.saliency(x0, xh0)
             if plan.shared:
@@ -389,8 +394,10 @@ class TokenStack(nn.Module):
         x0 = inputs[self.plan.stream]
         moving = T.moving_count(T.saliency(x0, xh0), xh0, self.token_threshold)  # () int64, max over batch
         # ``moving`` (and W_s) ride along as operands: cond branches may not close over traced tensors.
-        operands = (*flat, moving, *([self.static_w] if self.has_w else []))
-        n_flat = len(flat)
+        fitted = [self.static_w] if self.has_w else []
+        fitted += [self.full.get_buffer(name) for name in self._full_buffers]
+        operands = (*flat, moving, *fitted)
+        n_flat = self._n_flat
         if _tracing(operands):  # as in CachedBlock: a forced layout, and no operand aliases another
             operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
         else:

@@ -20,6 +20,7 @@ from torch import fx
 from . import calibration as _calibration
 from .config import FastCacheConfig
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
+from .passes.retarget import clone_graph_module
 from .passes.select_tokens import TokenPlanError, insert_token_select
 from .runtime import CacheRuntime, Variant
 
@@ -33,16 +34,6 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A fresh GraphModule over a copied graph (passes mutate; node metadata is shared, not copied)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
-    new.meta = dict(gm.meta)
-    return new
-
-
 def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> Callable:
     if lowering == "eager":
         return gm
@@ -52,7 +43,7 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> 
 
 
 def _outlined(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
-    return outline_blocks(find_blocks(specialize_symints(_copy(gm), args)))
+    return outline_blocks(find_blocks(specialize_symints(clone_graph_module(gm), args)))
 
 
 def resolve_form(approximation: str, calib: _calibration.Calibration | None) -> str:
@@ -77,7 +68,7 @@ def fastcache_backend(
     """``torch.compile(model, backend="fastcache", options=...)`` lands here."""
     config = FastCacheConfig.from_options(options)
     try:
-        plan_probe = find_blocks(_copy(gm))
+        plan_probe = find_blocks(clone_graph_module(gm))
     except BlockPlanError as err:
         _warn_once(f"fastcache: {err}; compiling this graph without caching (lowering={config.lowering!r})")
         return _lower(gm, example_inputs, config.lowering)
@@ -132,7 +123,7 @@ def fastcache_backend(
 
     def plain() -> Callable:
         _warn_once("fastcache: inputs require grad; running the uncached graph (caching is inference-only)")
-        return _lower(_copy(gm), example_inputs, config.lowering)
+        return _lower(clone_graph_module(gm), example_inputs, config.lowering)
 
     log.info("fastcache: %d blocks found", num_blocks)
     runtime = CacheRuntime(gm, example_inputs, config, build, plain)

@@ -215,21 +215,25 @@ def _stack_rows(step: list, layouts: list[Any]) -> tuple[torch.Tensor, torch.Ten
     return x0, xs_l[j] + rs_l[k] - x0
 
 
-def _fit_stack(seqs: list[list], layouts: list[Any], ridge: float) -> dict[str, torch.Tensor]:
-    """``W_s`` for ``R ≈ R̂ + (x0 − x̂0) W_sᵀ``: the static-token correction of token selection."""
-    dx, dr = [], []
+def _stack_pairs(seqs: list[list], layouts: list[Any]) -> list[tuple[tuple, tuple]] | None:
+    """``((x0, R) at step s, (x0, R) at step s + g)`` for every gap g in ``_GAPS``; None if the image
+    stream cannot be told (then there is no static-token correction)."""
+    pairs = []
     for gen in seqs:
         rows = [_stack_rows(step, layouts) for step in gen]
         if any(r is None for r in rows):
-            return {}
-        for s in range(len(rows)):
-            for g in _GAPS:
-                if s + g < len(rows):
-                    dx.append(rows[s + g][0] - rows[s][0])
-                    dr.append(rows[s + g][1] - rows[s][1])
-    if not dx:
+            return None
+        pairs += [(rows[s], rows[s + g]) for s in range(len(rows)) for g in _GAPS if s + g < len(rows)]
+    return pairs
+
+
+def _fit_stack(seqs: list[list], layouts: list[Any], ridge: float) -> dict[str, torch.Tensor]:
+    """``W_s`` for ``R ≈ R̂ + (x0 − x̂0) W_sᵀ``: the static-token correction of token selection."""
+    pairs = _stack_pairs(seqs, layouts)
+    if not pairs:
         return {}
-    dx_all, dr_all = torch.cat(dx), torch.cat(dr)
+    dx_all = torch.cat([x_t - x_s for (x_s, _), (x_t, _) in pairs])
+    dr_all = torch.cat([r_t - r_s for (_, r_s), (_, r_t) in pairs])
     lam = ridge * float((dx_all**2).sum()) / max(dx_all.shape[0], 1)
     w, _ = approx.ridge(dx_all, dr_all, lam, bias=False)
     return {"stack.w": w}
@@ -237,23 +241,16 @@ def _fit_stack(seqs: list[list], layouts: list[Any], ridge: float) -> dict[str, 
 
 def _score_stack(seqs: list[list], layouts: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Held-out relative error of a static token's stack output, plain reuse vs. the ``W_s`` correction."""
-    if "stack.w" not in tensors:
+    pairs = _stack_pairs(seqs, layouts)
+    if "stack.w" not in tensors or not pairs:
         return {}
     errors: dict[str, list[float]] = {"reuse": [], "linear": []}
-    for gen in seqs:
-        rows = [_stack_rows(step, layouts) for step in gen]
-        if any(r is None for r in rows):
-            return {}
-        for s in range(len(rows)):
-            for g in _GAPS:
-                if s + g < len(rows):
-                    (x_s, r_s), (x_t, r_t) = rows[s], rows[s + g]
-                    y_t = x_t + r_t
-                    norm = float(y_t.norm()) + 1e-12
-                    errors["reuse"].append(float((approx.reuse(x_t, r_s) - y_t).norm()) / norm)
-                    pred = approx.linear(x_t, x_s, r_s, tensors["stack.w"])
-                    errors["linear"].append(float((pred - y_t).norm()) / norm)
-    return {f: sum(v) / len(v) for f, v in errors.items() if v}
+    for (x_s, r_s), (x_t, r_t) in pairs:
+        y_t = x_t + r_t
+        norm = float(y_t.norm()) + 1e-12
+        errors["reuse"].append(float((approx.reuse(x_t, r_s) - y_t).norm()) / norm)
+        errors["linear"].append(float((approx.linear(x_t, x_s, r_s, tensors["stack.w"]) - y_t).norm()) / norm)
+    return {f: sum(v) / len(v) for f, v in errors.items()}
 
 
 def _score(seqs: list[list], layouts: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, float]:

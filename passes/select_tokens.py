@@ -73,25 +73,22 @@ class TokenPlan:
 
 
 # -- graph surgery ---------------------------------------------------------------------------------
+def _reach(start: fx.Node, step: Callable[[fx.Node], Any]) -> set[fx.Node]:
+    """``start`` and every node reachable from it through ``step`` (users, or inputs)."""
+    seen: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(step(node))
+    return seen
+
+
 def split_stack(gm: fx.GraphModule) -> fx.GraphModule:
     """Fuse the outlined blocks and everything between them into one ``fastcache_stack_0`` call."""
     calls = _block_calls(gm)
-    first, last = calls[0], calls[-1]
-    after: set[fx.Node] = set()
-    todo = [first]
-    while todo:
-        node = todo.pop()
-        if node not in after:
-            after.add(node)
-            todo.extend(node.users)
-    before: set[fx.Node] = set()
-    todo = [last]
-    while todo:
-        node = todo.pop()
-        if node not in before:
-            before.add(node)
-            todo.extend(n for n in node.all_input_nodes)
-    region = after & before
+    region = _reach(calls[0], lambda n: n.users) & _reach(calls[-1], lambda n: n.all_input_nodes)
     for call in calls:  # the blocks' output getitems travel with them
         region |= {u for u in call.users if u.op == "call_function" and u.target is operator.getitem}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

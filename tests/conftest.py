@@ -9,3 +9,11 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Every test model, built once per module (fixed weight seed)."""
+    from models import CASES
+
+    return {name: case.build() for name, case in CASES.items()}

@@ -500,3 +500,8 @@ def sample(
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
             x = x + (sigma_next - sigma) * pred
     return x
+
+
+def compile_eager(model: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile`` with the fastcache backend, eager lowering (fast to build), one full graph."""
+    return torch.compile(model, backend="fastcache", options={"lowering": "eager", **options}, fullgraph=True)

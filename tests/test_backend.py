@@ -10,18 +10,9 @@ from torch import nn
 
 import fastcache_compile as fc
 from fastcache_compile.runtime import shadow_errors
-from models import CASES, TinyDiT, sample
+from models import CASES, TinyDiT, compile_eager, sample
 
 EAGER = {"lowering": "eager"}
-
-
-def _compile(model, **options):
-    return torch.compile(model, backend="fastcache", options={**EAGER, **options}, fullgraph=True)
-
-
-@pytest.fixture(scope="module")
-def built():
-    return {name: case.build() for name, case in CASES.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -29,7 +20,7 @@ def built():
 def test_tau_zero_is_uncached_eager(built, name, cfg):
     model, case = built[name], CASES[name]
     ref = sample(model, case, cfg=cfg, steps=6)
-    cm = _compile(model, threshold=0.0)
+    cm = compile_eager(model, threshold=0.0)
     out = sample(cm, case, cfg=cfg, steps=6)
     assert torch.equal(out, ref)
     st = fc.stats(cm)
@@ -40,7 +31,7 @@ def test_tau_zero_is_uncached_eager(built, name, cfg):
 def test_large_tau_skips_and_stats_agree(built, name):
     model, case = built[name], CASES[name]
     ref = sample(model, case, cfg="batch", steps=8)
-    cm = _compile(model, threshold=0.5, warmup_steps=1)
+    cm = compile_eager(model, threshold=0.5, warmup_steps=1)
     with shadow_errors() as errors:  # one entry per block that really took the skip branch
         out = sample(cm, case, cfg="batch", steps=8)
     st = fc.stats(cm)
@@ -64,7 +55,7 @@ def test_tau_zero_inductor_allclose(built, name):
 
 def test_inductor_skips_like_eager(built):
     model, case = built["handwritten"], CASES["handwritten"]
-    ce = _compile(model, threshold=0.3)
+    ce = compile_eager(model, threshold=0.3)
     out_e = sample(ce, case, steps=8)
     se = fc.stats(ce)
     torch._dynamo.reset()
@@ -104,7 +95,7 @@ def _toy_two_block():
 
 def test_residual_reuse_by_hand():
     toy = _toy_two_block()
-    cm = _compile(toy, threshold=10.0, warmup_steps=1)  # huge τ: every post-warm-up step skips
+    cm = compile_eager(toy, threshold=10.0, warmup_steps=1)  # huge τ: every post-warm-up step skips
     x0 = torch.randn(1, 3, 4)
     x1 = x0 + 0.01 * torch.randn(1, 3, 4)
     with torch.no_grad():
@@ -121,7 +112,7 @@ def test_residual_reuse_by_hand():
 
 def test_reset_and_new_generation(built):
     model, case = built["handwritten"], CASES["handwritten"]
-    cm = _compile(model, threshold=0.3)
+    cm = compile_eager(model, threshold=0.3)
     first = sample(cm, case, steps=8, seed=3)
     # Same seed again: the timestep jumps back up, the cache restarts, the result is identical.
     second = sample(cm, case, steps=8, seed=3)
@@ -138,10 +129,10 @@ def test_reset_and_new_generation(built):
 
 def test_batch_size_change_midway(built):
     model, case = built["handwritten"], CASES["handwritten"]
-    cm = _compile(model, threshold=0.0)
+    cm = compile_eager(model, threshold=0.0)
     for batch in (2, 3, 2):
         assert torch.equal(sample(cm, case, batch=batch, steps=4), sample(model, case, batch=batch, steps=4))
-    cm = _compile(model, threshold=0.5)
+    cm = compile_eager(model, threshold=0.5)
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         cm(x, torch.tensor([900, 900]), torch.tensor([1, 2]))
@@ -155,7 +146,7 @@ def test_batch_size_change_midway(built):
 
 def test_nan_input_forces_compute(built):
     model = built["handwritten"]
-    cm = _compile(model, threshold=10.0, warmup_steps=1)
+    cm = compile_eager(model, threshold=10.0, warmup_steps=1)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     with torch.no_grad():
         cm(x, torch.tensor([900, 900]), y)
@@ -172,7 +163,7 @@ def test_nan_input_forces_compute(built):
 def test_split_cfg_streams_never_share_state(built):
     """Cond and uncond calls with identical hidden states must each use their own cache slot."""
     model = built["handwritten"]
-    cm = _compile(model, threshold=10.0, warmup_steps=1)
+    cm = compile_eager(model, threshold=10.0, warmup_steps=1)
     x = torch.randn(2, 4, 8, 8)
     cond, uncond = torch.tensor([1, 2]), torch.tensor([10, 10])
     with torch.no_grad():
@@ -193,7 +184,7 @@ def test_split_cfg_streams_never_share_state(built):
 def test_one_stream_slot_is_not_shared_between_streams(built):
     """With one slot, alternating streams evict each other: they recompute, never cross-serve."""
     model = built["handwritten"]
-    cm = _compile(model, threshold=10.0, warmup_steps=0, max_streams=1)
+    cm = compile_eager(model, threshold=10.0, warmup_steps=0, max_streams=1)
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         for t in (900, 800, 700):
@@ -282,7 +273,7 @@ def test_unnamed_timestep_warns_that_reset_is_needed():
                 x = b(x)
             return x * noise_scale
 
-    cm = _compile(Toy().eval(), threshold=0.1)
+    cm = compile_eager(Toy().eval(), threshold=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():

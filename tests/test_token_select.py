@@ -19,28 +19,18 @@ from fastcache_compile.passes.select_tokens import (
     plan_tokens,
     split_stack,
 )
-from models import CASES, sample, split_inputs
+from models import CASES, compile_eager, sample, split_inputs
 
-EAGER = {"lowering": "eager"}
 NEVER_MOVES = 1e9  # token_threshold no token exceeds: every cached step takes the smallest bucket
-
-
-def _compile(model, **options):
-    return torch.compile(model, backend="fastcache", options={**EAGER, **options}, fullgraph=True)
-
-
-@pytest.fixture(scope="module")
-def built():
-    return {name: case.build() for name, case in CASES.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_full_bucket_only_equals_block_cache_equals_uncached(built, name):
     model, case = built[name], CASES[name]
     ref = sample(model, case, steps=6)
-    block_only = sample(_compile(model, threshold=0.0), case, steps=6)
+    block_only = sample(compile_eager(model, threshold=0.0), case, steps=6)
     torch._dynamo.reset()
-    cm = _compile(model, threshold=0.0, token_select=True, token_buckets=(1.0,))
+    cm = compile_eager(model, threshold=0.0, token_select=True, token_buckets=(1.0,))
     tokens_full = sample(cm, case, steps=6)
     assert torch.equal(block_only, ref)
     assert torch.equal(tokens_full, ref)
@@ -53,7 +43,7 @@ def test_selection_runs_fewer_tokens_and_stays_close(built, name):
     model, case = built[name], CASES[name]
     ref = sample(model, case, steps=8)
     buckets = (0.25, 0.5, 0.75, 1.0)
-    cm = _compile(model, threshold=0.0, token_select=True, token_buckets=buckets, token_threshold=0.1)
+    cm = compile_eager(model, threshold=0.0, token_select=True, token_buckets=buckets, token_threshold=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no refusal: every model family is supported
         out = sample(cm, case, steps=8)
@@ -71,14 +61,14 @@ def test_selection_runs_fewer_tokens_and_stays_close(built, name):
 def test_token_threshold_zero_selects_everything(built):
     model, case = built["dit"], CASES["dit"]
     ref = sample(model, case, steps=6)
-    cm = _compile(model, threshold=0.0, token_select=True, token_threshold=0.0)
+    cm = compile_eager(model, threshold=0.0, token_select=True, token_threshold=0.0)
     assert torch.equal(sample(cm, case, steps=6), ref)
 
 
 def test_no_recompiles_after_the_first_generation(built):
     model, case = built["dit"], CASES["dit"]
     torch._dynamo.reset()
-    cm = _compile(model, threshold=0.05, token_select=True, token_threshold=0.1, token_merge=True)
+    cm = compile_eager(model, threshold=0.05, token_select=True, token_threshold=0.1, token_merge=True)
     sample(cm, case, steps=8, seed=0)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     variants = fc.stats(cm)["compiled_variants"]
@@ -101,7 +91,7 @@ def test_selection_is_per_sample(built):
 
     def run(xs, ys):
         torch._dynamo.reset()
-        cm = _compile(model, **opts)
+        cm = compile_eager(model, **opts)
         with torch.no_grad():
             for t in (900, 700, 500, 300, 100):
                 eps = cm(hidden_states=xs, timestep=torch.full((xs.shape[0],), t), class_labels=ys).sample
@@ -117,23 +107,23 @@ def test_selection_is_per_sample(built):
 def test_merge_ratio_zero_is_selection_alone(built):
     model, case = built["pixart"], CASES["pixart"]
     opts = dict(threshold=0.0, token_select=True, token_threshold=0.1)
-    plain = sample(_compile(model, **opts), case, steps=8)
+    plain = sample(compile_eager(model, **opts), case, steps=8)
     torch._dynamo.reset()
-    merged = sample(_compile(model, **opts, token_merge=True, merge_ratio=0.0), case, steps=8)
+    merged = sample(compile_eager(model, **opts, token_merge=True, merge_ratio=0.0), case, steps=8)
     assert torch.equal(plain, merged)
 
 
 def test_merging_runs_fewer_tokens_than_selection(built):
     model, case = built["sd3"], CASES["sd3"]
     opts = dict(threshold=0.0, token_select=True, token_threshold=NEVER_MOVES, token_buckets=(0.5, 1.0))
-    cm = _compile(model, **opts, token_merge=True, merge_ratio=0.5)
+    cm = compile_eager(model, **opts, token_merge=True, merge_ratio=0.5)
     sample(cm, case, steps=6)
     assert set(fc.stats(cm)["tokens_per_call"]) == {16, 4}  # 8 selected tokens merged into 4 clusters
 
 
 def test_merge_without_selection_merges_all_tokens(built):
     model, case = built["dit"], CASES["dit"]
-    cm = _compile(model, threshold=0.0, token_merge=True, merge_ratio=0.25)
+    cm = compile_eager(model, threshold=0.0, token_merge=True, merge_ratio=0.25)
     out = sample(cm, case, steps=6)
     assert set(fc.stats(cm)["tokens_per_call"]) == {16, 12}
     ref = sample(model, case, steps=6)
@@ -249,7 +239,7 @@ def test_unsupported_per_token_input_is_refused_once_with_block_caching_kept():
     with torch.no_grad():
         ref = [model(x, torch.full((2,), t), bias) for t in (900, 500, 100)]
     torch._dynamo.reset()
-    cm = _compile(model, threshold=0.0, token_select=True)
+    cm = compile_eager(model, threshold=0.0, token_select=True)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         outs = [cm(x, torch.full((2,), t), bias) for t in (900, 500, 100)]
@@ -265,7 +255,7 @@ def test_inductor_matches_eager_lowering(built, tmp_path):
     fc.calibrate(model, lambda m: [sample(m, case, steps=6, seed=s) for s in (10, 11, 12)], calib)
     # fitted block maps in the full branch and W_s in the reduced ones, all traced inside torch.cond
     opts = dict(threshold=0.05, token_select=True, token_threshold=0.1, token_merge=True, calibration=str(calib))
-    eager_cm = _compile(model, **opts)
+    eager_cm = compile_eager(model, **opts)
     eager_out = sample(eager_cm, case, steps=6)
     eager_tokens = fc.stats(eager_cm)["tokens_per_call"]
     torch._dynamo.reset()

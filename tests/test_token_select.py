@@ -81,13 +81,15 @@ def test_no_recompiles_after_the_first_generation(built):
     assert len(set(st["tokens_per_call"])) > 1  # several buckets were taken without recompiling
 
 
-def test_selection_is_per_sample(built):
+@pytest.mark.parametrize("merge", [False, True])
+def test_selection_is_per_sample(built, merge):
     """A sample's result does not depend on what else is in the batch (CFG halves, other prompts)."""
     model = built["dit"]
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=gen)
     labels = torch.tensor([1, 7])
     opts = dict(threshold=0.0, token_select=True, token_buckets=(0.5, 1.0), token_threshold=NEVER_MOVES)
+    opts.update(token_merge=merge, merge_ratio=0.5)
 
     def run(xs, ys):
         torch._dynamo.reset()
@@ -100,7 +102,7 @@ def test_selection_is_per_sample(built):
 
     both, st = run(x, labels)
     alone, _ = run(x[:1], labels[:1])
-    assert 8 in st["tokens_per_call"]  # the half bucket ran (16 tokens)
+    assert (4 if merge else 8) in st["tokens_per_call"]  # the half bucket ran (of 16 tokens)
     torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
 
 

@@ -186,24 +186,30 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per model: relative L2 against the work that ran (top) and PSNR against the CPU-time speed-up."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        for method, marker in (("block", "o"), ("tokens", "s"), ("tokens+block", "^"), ("tokens+merge", "D")):
-            pts = [r for r in rows if r["model"] == name and r["method"] == method]
-            if pts:
-                ax.plot([r["work_fraction"] for r in pts], [max(r["rel_l2"], 1e-4) for r in pts], marker, label=method)
-        ax.set_xlabel("work that ran (fraction)")
-        ax.set_ylabel("rel L2 vs uncached")
-        ax.set_yscale("log")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
+    panels = (("work_fraction", "rel_l2", "work that ran (fraction)", "rel L2 vs uncached", True),
+              ("speedup_cpu", "psnr", "speed-up vs uncached Inductor (CPU time)", "PSNR dB", False))  # fmt: skip
+    for row_axes, (xkey, ykey, xlabel, ylabel, logy) in zip(axes, panels):
+        for ax, name in zip(row_axes, models):
+            for method, marker in (("block", "o-"), ("tokens", "s-"), ("tokens+block", "^"), ("tokens+merge", "D")):
+                pts = sorted((r for r in rows if r["model"] == name and r["method"] == method), key=lambda r: r[xkey])
+                if pts:
+                    ys = [max(r[ykey], 1e-4) for r in pts]
+                    ax.plot([r[xkey] for r in pts], ys, marker, label=method)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -61,8 +61,9 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         if "tokens_per_call" in s:  # token selection: tokens run through the blocks per call
             total.setdefault("tokens_per_call", []).extend(s["tokens_per_call"])
             total["num_tokens"] = s["num_tokens"]
-    if "tokens_per_call" in total:
-        total["token_fraction"] = sum(total["tokens_per_call"]) / (len(total["tokens_per_call"]) * total["num_tokens"])
+            total["_tokens"] = total.get("_tokens", 0.0) + s["token_fraction"] * len(s["tokens_per_call"])
+    if "tokens_per_call" in total:  # the runtimes' per-call means, weighted by their calls
+        total["token_fraction"] = total.pop("_tokens") / len(total["tokens_per_call"])
     # Share of the block stack's token-blocks that ran: block skips and token selection together.
     total["work_fraction"] = total.pop("_work") / total["calls"] if total["calls"] else 1.0
     blocks = total["blocks_computed"] + total["blocks_skipped"]

@@ -82,10 +82,10 @@ def fastcache_backend(
         if calib is not None:
             calib.check(cached, list(args))
         params = calib.block_params(form) if calib is not None else None
-        token_info: dict[str, Any] | None = None
+        num_tokens: int | None = None
         if config.token_select or config.token_merge:
             try:
-                init, cached, plan, branch_list = insert_token_select(
+                init, cached, plan = insert_token_select(
                     cached,
                     args,
                     tau=config.threshold,
@@ -102,10 +102,10 @@ def fastcache_backend(
                     # the static-token correction is a fitted map: used with the fitted forms only
                     static_w=calib.stack_params().get("w") if calib is not None and form != "reuse" else None,
                 )
-                token_info = {"num_tokens": plan.num_tokens, "branches": [(b.select, b.run) for b in branch_list]}
+                num_tokens = plan.num_tokens
             except TokenPlanError as err:
                 _warn_once(f"fastcache: token selection/merging not applied ({err}); using block-level caching only")
-        if token_info is None:
+        if num_tokens is None:
             cached = insert_cache(cached, config.threshold, config.alpha, form, params)
             init = insert_recording(_outlined(graph, args))
         n_out = cached.meta["fastcache_num_outputs"]
@@ -119,7 +119,7 @@ def fastcache_backend(
                 lazy["fn"] = _lower(cached, call_args, config.lowering)
             return lazy["fn"](*call_args)
 
-        return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint, token_info)
+        return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint, num_tokens)
 
     def plain() -> Callable:
         _warn_once("fastcache: inputs require grad; running the uncached graph (caching is inference-only)")

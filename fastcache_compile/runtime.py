@@ -66,7 +66,7 @@ class Variant:
     seq_output: bool
     layouts: list[Any]
     fingerprint: dict[str, Any] | None = None
-    tokens: dict[str, Any] | None = None  # token selection: {"num_tokens", "branches"}; None if off
+    num_tokens: int | None = None  # token selection on: the block stack's token count N
 
 
 def _arg_name(placeholder: fx.Node) -> str:
@@ -111,8 +111,8 @@ class _Stats:
     generations: int = 0
     computed: torch.Tensor | None = None  # (num_blocks,) int64 running sum, on the model's device
     tokens_run: list[torch.Tensor] = field(default_factory=list)  # per call: tokens through the blocks
+    token_counts: list[int] = field(default_factory=list)  # per call: N of that call's variant
     work: torch.Tensor | None = None  # running sum over calls of (blocks run × tokens run) / (blocks × N)
-    num_tokens: int | None = None
 
 
 class CacheRuntime:
@@ -221,10 +221,10 @@ class CacheRuntime:
             force = force or recorder is not None  # calibration records full computations
             outs = variant.cached(*args, *slot.state, step, torch.tensor(force))
         outs = list(outs)
-        if variant.tokens is not None:
+        if variant.num_tokens is not None:
             # (*outputs, *state, computed, tokens_run): the token count stays a tensor (no host sync)
             self.stats.tokens_run.append(outs.pop())
-            self.stats.num_tokens = variant.tokens["num_tokens"]
+            self.stats.token_counts.append(variant.num_tokens)
         computed = outs[-1]
         # Compiled variants are specialised to the strides of their example inputs; Inductor may hand
         # back the state in another layout than the one it was first compiled with, so normalise it.
@@ -239,8 +239,8 @@ class CacheRuntime:
         flags = computed.to(torch.int64)
         st.computed = flags if st.computed is None else st.computed + flags
         work = computed.float().mean()
-        if variant.tokens is not None:
-            work = work * st.tokens_run[-1] / variant.tokens["num_tokens"]
+        if variant.num_tokens is not None:
+            work = work * st.tokens_run[-1] / variant.num_tokens
         st.work = work if st.work is None else st.work + work
         return tuple(outs[:n_out]) if variant.seq_output else outs[0]
 
@@ -261,13 +261,14 @@ class CacheRuntime:
 
     def _token_summary(self) -> dict[str, Any]:
         st = self.stats
-        if not st.tokens_run or st.num_tokens is None:
+        if not st.tokens_run:
             return {}
         per_step = [int(t) for t in torch.stack(st.tokens_run).tolist()]
         return {
-            "num_tokens": st.num_tokens,
+            "num_tokens": st.token_counts[-1],
             "tokens_per_call": per_step,
-            "token_fraction": sum(per_step) / (len(per_step) * st.num_tokens),
+            # mean over calls of k/N, each call against its own variant's N (resolutions may differ)
+            "token_fraction": sum(k / n for k, n in zip(per_step, st.token_counts)) / len(per_step),
         }
 
 

@@ -206,9 +206,10 @@ def gather_rows(t: torch.Tensor, rows: torch.Tensor, spec: TokenInput) -> torch.
 
 
 def _small_args(plan: TokenPlan, stack_args: list[Any], k: int) -> list[Any]:
-    rows = torch.arange(k).expand(stack_args[plan.stream].shape[0], k)
+    x0 = stack_args[plan.stream]
+    rows = torch.arange(k, device=x0.device).expand(x0.shape[0], k)
     small = list(stack_args)
-    small[plan.stream] = T.gather(stack_args[plan.stream], rows)
+    small[plan.stream] = T.gather(x0, rows)
     for p, spec in plan.token_inputs.items():
         small[p] = gather_rows(stack_args[p], rows, spec)
     return small
@@ -348,9 +349,9 @@ class TokenStack(nn.Module):
 
         def run(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
             inputs, bstate, xh0, rh, _, _ = self._unpack(ops)
-            static_w = ops[self._n_flat + 1] if self.has_w else None
+            # operands after the flat inputs: moving count, saliency, W_s (if fitted), full-stack maps
+            sal, static_w = ops[self._n_flat + 1], (ops[self._n_flat + 2] if self.has_w else None)
             x0 = inputs[plan.stream]
-            sal = T.saliency(x0, xh0)
             if plan.shared:
                 sal = sal.amax(0, keepdim=True).expand_as(sal)
             idx = T.select(sal, branch.select)  # (B, k): per sample, in token order
@@ -389,11 +390,13 @@ class TokenStack(nn.Module):
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs, _, xh0, _, _, _ = self._unpack(flat)
         x0 = inputs[self.plan.stream]
-        moving = T.moving_count(T.saliency(x0, xh0), xh0, self.token_threshold)  # () int64, max over batch
-        # ``moving`` (and W_s) ride along as operands: cond branches may not close over traced tensors.
+        sal = T.saliency(x0, xh0)  # (B, N): decides the bucket here and the top-k in the branch
+        moving = T.moving_count(sal, xh0, self.token_threshold)  # () int64, max over batch
+        # ``moving``, ``sal`` (and the maps) ride along as operands: cond branches may not close over
+        # traced tensors.
         fitted = [self.static_w] if self.has_w else []
         fitted += [self.full.get_buffer(name) for name in self._full_buffers]
-        operands = (*flat, moving, *fitted)
+        operands = (*flat, moving, sal, *fitted)
         n_flat = self._n_flat
         if _tracing(operands):  # as in CachedBlock: a forced layout, and no operand aliases another
             operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
@@ -431,7 +434,7 @@ def insert_token_select(
     merge_k: int,
     merge_lambda: float,
     static_w: torch.Tensor | None = None,
-) -> tuple[fx.GraphModule, fx.GraphModule, TokenPlan, list[Branch]]:
+) -> tuple[fx.GraphModule, fx.GraphModule, TokenPlan]:
     """The ``init`` and ``cached`` graphs with token selection; raises ``TokenPlanError`` if unsupported."""
     gm = split_stack(clone_graph_module(outlined))
     stack_args = _capture_stack_args(gm, args)
@@ -453,7 +456,7 @@ def insert_token_select(
     init_stack = _InitStack(insert_recording(clone_graph_module(stack)), plan)
     init = _wire(clone_graph_module(gm), init_stack, n_bs, plan, with_state=False)
     init.meta["fastcache_layouts"] = lays
-    return init, cached, plan, branch_list
+    return init, cached, plan
 
 
 class _InitStack(nn.Module):

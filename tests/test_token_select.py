@@ -288,3 +288,16 @@ def test_bad_token_options_raise(options):
 def test_export_refuses_token_options(built):
     with pytest.raises(ValueError, match="block-level caching only"):
         fc.export_onnx(built["dit"], {}, "unused", token_select=True)
+
+
+def test_token_fraction_counts_each_call_against_its_own_token_count(built):
+    model = built["dit"]
+    cm = compile_eager(model, threshold=0.0, token_select=True, token_threshold=0.0)  # every token runs
+    with torch.no_grad():
+        for side in (8, 16):  # 16 and 64 tokens: two graphs (or variants) with different N
+            for t in (900, 600, 300):
+                x = torch.randn(2, 4, side, side)  # every token moves
+                cm(hidden_states=x, timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]))
+    st = fc.stats(cm)
+    assert sorted(set(st["tokens_per_call"])) == [16, 64]
+    assert st["token_fraction"] == 1.0 and st["work_fraction"] == 1.0

@@ -18,19 +18,17 @@ hidden widths, parameter hash); loading it for another model raises ``ValueError
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import fx
 
+from . import _calibration_file as _file
 from . import approx
 
-FORMAT_VERSION = "1"
 _GAPS = (1, 2, 3)  # skip lengths the fit and the held-out score consider
 
 
@@ -90,31 +88,15 @@ class Calibration:
                 )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": json.dumps(self.fingerprint),
-            "recommended": self.recommended,
-            "metrics": json.dumps(self.metrics),
-        }
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, os.fspath(path), metadata=meta)
+        _file.write(path, self.fingerprint, self.tensors, self.recommended, self.metrics)
 
 
 def load(path: str | os.PathLike[str]) -> Calibration:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"calibration file {path!r} does not exist; create it with fastcache_compile.calibrate")
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path!r} is not a fastcache calibration file of format {FORMAT_VERSION}")
-    return Calibration(
-        fingerprint=json.loads(meta["fingerprint"]),
-        tensors=load_file(path),
-        recommended=meta.get("recommended", "reuse"),
-        metrics=json.loads(meta.get("metrics", "{}")),
-    )
+    """Read a file written by ``calibrate``; ``ValueError`` naming the file and the fix if it is unusable
+    (missing, a directory, truncated or corrupt, another format, NaN/Inf values, missing or misshapen
+    tensors). Whether it belongs to the model is checked later, by ``Calibration.check``."""
+    fingerprint, tensors, recommended, metrics = _file.read(path)
+    return Calibration(fingerprint, tensors, recommended, metrics)
 
 
 # -- recording ---------------------------------------------------------------------------------------

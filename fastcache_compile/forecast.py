@@ -85,15 +85,18 @@ def forecast(x: torch.Tensor, residuals: list[torch.Tensor], weights: torch.Tens
     return out
 
 
-def examples(num_steps: int, order: int, max_gap: int) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
-    """Every ``(t, (s_1..s_K), pattern)`` with all gaps in ``[1, max_gap]`` inside ``num_steps`` steps."""
-    out = []
-    for t in range(num_steps):
-        for p in patterns(order, max_gap):
-            s = [t - d for d in itertools.accumulate(p)]
-            if s[-1] >= 0:
-                out.append((t, tuple(s), p))
-    return out
+def examples(num_steps: int, order: int, max_gap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every forecast a ``num_steps`` sequence offers with all gaps in ``[1, max_gap]``.
+
+    Returns ``t`` (E,), the computed steps ``s`` (E, K) with ``s[:, 0] = s_1`` and the table rows (E,).
+    """
+    pats = torch.tensor(patterns(order, max_gap))  # (P, K)
+    back = pats.cumsum(1)  # (P, K): t − s_k
+    t = torch.arange(num_steps).repeat_interleave(len(pats))  # (T·P,)
+    s = t[:, None] - back.repeat(num_steps, 1)  # (T·P, K)
+    rows = torch.arange(len(pats)).repeat(num_steps)
+    keep = s[:, -1] >= 0
+    return t[keep], s[keep], rows[keep]
 
 
 def fit_table(
@@ -123,12 +126,10 @@ def fit_table(
         if m.ndim != 2 or m.shape[0] != m.shape[1]:
             raise ValueError(f"each gram must be a square (T, T) matrix of residual inner products, got {m.shape}")
         m = m.double()
-        for t, s, p in examples(m.shape[0], order, max_gap):
-            i = int(pattern_index(torch.tensor(p), max_gap))
-            idx = torch.tensor(s)
-            lhs[i] += m[idx][:, idx]
-            rhs[i] += m[idx, t]
-            counts[i] += 1
+        t, s, rows = examples(m.shape[0], order, max_gap)
+        lhs.index_add_(0, rows, m[s[:, :, None], s[:, None, :]])  # (E, K, K) Gram of the history
+        rhs.index_add_(0, rows, m[s, t[:, None]])  # (E, K) history against the target
+        counts += torch.bincount(rows, minlength=n_pat)
     prior = torch.zeros(order, dtype=torch.float64)
     prior[0] = 1.0  # plain reuse
     pooled = _solve(lhs.sum(0), rhs.sum(0), ridge, prior)
@@ -139,12 +140,13 @@ def fit_table(
     return table.float(), counts
 
 
-def sequence_error(gram: torch.Tensor, t: int, steps: tuple[int, ...], weights: torch.Tensor) -> float:
-    """``‖Σ_k w_k r_{s_k} − r_t‖²`` of one forecast, from a sequence's residual inner products."""
+def squared_errors(gram: torch.Tensor, t: torch.Tensor, s: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(E,) ``‖Σ_k w_k r_{s_k} − r_t‖²`` of forecasts ``t`` (E,), ``s`` (E, K), ``weights`` (E, K),
+    from one sequence's residual inner products."""
     m = gram.double()
-    idx = torch.tensor(steps)
     w = weights.double()
-    return float(w @ m[idx][:, idx] @ w - 2 * w @ m[idx, t] + m[t, t])
+    quad = torch.einsum("ek,ekj,ej->e", w, m[s[:, :, None], s[:, None, :]], w)
+    return quad - 2 * (w * m[s, t[:, None]]).sum(1) + m[t, t]
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float, prior: torch.Tensor) -> torch.Tensor:

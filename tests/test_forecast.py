@@ -45,7 +45,8 @@ def test_polynomial_residual_of_degree_k_minus_1_is_forecast_exactly(order):
     fresh = _poly_sequence(order - 1, steps, seed=99)
     x = torch.randn(4, 8, dtype=torch.float64)
     worst = 0.0
-    for t, s, _ in forecast.examples(steps, order, gmax):
+    ts, ss, _ = forecast.examples(steps, order, gmax)
+    for t, s in zip(ts.tolist(), ss.tolist()):
         w = forecast.select_weights(table, torch.tensor(float(t)), [torch.tensor(float(v)) for v in s], gmax)
         y = forecast.forecast(x, [fresh[v] for v in s], w.double())
         worst = max(worst, float((y - (x + fresh[t])).norm() / (x + fresh[t]).norm()))
@@ -59,11 +60,8 @@ def test_lower_order_forecaster_is_not_exact_on_higher_degree():
     seqs = [_poly_sequence(2, 12, seed) for seed in range(3)]
     table, _ = forecast.fit_table([_gram(s) for s in seqs], 2, 3, ridge=0.0, min_count=1)
     fresh = _poly_sequence(2, 12, seed=99)
-    err = [
-        forecast.sequence_error(_gram(fresh), t, s, table[forecast.pattern_index(torch.tensor(p), 3)])
-        for t, s, p in forecast.examples(12, 2, 3)
-    ]
-    assert max(err) > 1e-3
+    t, s, rows = forecast.examples(12, 2, 3)
+    assert forecast.squared_errors(_gram(fresh), t, s, table[rows]).max() > 1e-3
 
 
 def test_rare_pattern_falls_back_to_pooled_fit():
@@ -80,11 +78,16 @@ def test_rare_pattern_falls_back_to_pooled_fit():
     assert torch.allclose(table[pats.index((1, 1))], torch.tensor([2.0, -1.0]), atol=1e-4)
 
 
-def test_sequence_error_matches_direct_computation():
+def test_examples_and_squared_errors_by_hand():
+    # rows 0..3 are the patterns (1,1) (2,1) (1,2) (2,2); every s_2 must be >= 0
+    t, s, rows = forecast.examples(4, 2, 2)
+    got = sorted(zip(t.tolist(), map(tuple, s.tolist()), rows.tolist()))
+    assert got == [(2, (1, 0), 0), (3, (1, 0), 1), (3, (2, 0), 2), (3, (2, 1), 0)]
     seq = _poly_sequence(2, 6, seed=0)
-    w = torch.tensor([1.5, -0.7])
-    direct = float(((w[0] * seq[3] + w[1] * seq[1] - seq[5]) ** 2).sum())
-    assert forecast.sequence_error(_gram(seq), 5, (3, 1), w) == pytest.approx(direct, rel=1e-9)
+    w = torch.tensor([[1.5, -0.7]])
+    direct = float(((w[0, 0] * seq[3] + w[0, 1] * seq[1] - seq[5]) ** 2).sum())
+    err = forecast.squared_errors(_gram(seq), torch.tensor([5]), torch.tensor([[3, 1]]), w)
+    assert float(err) == pytest.approx(direct, rel=1e-9)
 
 
 def test_bad_arguments():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -54,24 +55,24 @@ class FastCacheConfig:
     merge_lambda: float = 1.0
     """λ in the importance ``S_i = ρ_i (1 + λ ρ^tm_i)``."""
 
+    audit: bool = False
+    """Also compute every skipped block and report the true error of its prediction (``stats``);
+    costs the full computation, for checking that skips stay within τ."""
+
     def __post_init__(self) -> None:
-        if not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
-            raise ValueError(f"threshold must be a float >= 0 (0 disables skipping), got {self.threshold!r}")
-        if not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must be a float with 0 < alpha < 1 (e.g. 0.05), got {self.alpha!r}")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
-            raise ValueError(f"num_steps must be None or an int >= 1, got {self.num_steps!r}")
+        _number("threshold", self.threshold, "a float >= 0 (0 disables skipping), e.g. 0.05", lo=0.0)
+        _number("alpha", self.alpha, "a float with 0 < alpha < 1, e.g. 0.05", lo=0.0, hi=1.0, open_=True)
+        _integer("warmup_steps", self.warmup_steps, 0)
+        if self.num_steps is not None:
+            _integer("num_steps", self.num_steps, 1, "None or an int >= 1")
         if self.calibration is not None and not isinstance(self.calibration, (str, os.PathLike)):
             raise ValueError(f"calibration must be a path to a calibration file or None, got {self.calibration!r}")
         if self.approximation not in _APPROXIMATIONS:
             raise ValueError(f"approximation must be one of {_APPROXIMATIONS}, got {self.approximation!r}")
-        if not isinstance(self.max_streams, int) or self.max_streams < 1:
-            raise ValueError(f"max_streams must be an int >= 1, got {self.max_streams!r}")
+        _integer("max_streams", self.max_streams, 1)
         if self.lowering not in _LOWERINGS:
             raise ValueError(f"lowering must be one of {_LOWERINGS}, got {self.lowering!r}")
-        for name in ("token_select", "token_merge"):
+        for name in ("token_select", "token_merge", "audit"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         buckets = self.token_buckets
@@ -84,15 +85,15 @@ class FastCacheConfig:
                 f"token_buckets must be a non-empty tuple of fractions in (0, 1], e.g. (0.25, 0.5, 1.0); "
                 f"got {buckets!r}"
             )
-        object.__setattr__(self, "token_buckets", tuple(sorted(float(f) for f in buckets)))
-        if not isinstance(self.token_threshold, (int, float)) or not self.token_threshold >= 0:
-            raise ValueError(f"token_threshold must be a float >= 0, got {self.token_threshold!r}")
-        if not isinstance(self.merge_ratio, (int, float)) or not 0.0 <= self.merge_ratio < 1.0:
-            raise ValueError(f"merge_ratio must be a float with 0 <= merge_ratio < 1, got {self.merge_ratio!r}")
-        if not isinstance(self.merge_k, int) or isinstance(self.merge_k, bool) or self.merge_k < 1:
-            raise ValueError(f"merge_k must be an int >= 1, got {self.merge_k!r}")
-        if not isinstance(self.merge_lambda, (int, float)) or not self.merge_lambda >= 0:
-            raise ValueError(f"merge_lambda must be a float >= 0, got {self.merge_lambda!r}")
+        fractions = sorted(float(f) for f in buckets)
+        if len(set(fractions)) != len(fractions):
+            # a repeated bucket would be a second, identical static-shape branch
+            raise ValueError(f"token_buckets has duplicate fractions {buckets!r}; list each fraction once")
+        object.__setattr__(self, "token_buckets", tuple(fractions))
+        _number("token_threshold", self.token_threshold, "a float >= 0, e.g. 0.05", lo=0.0)
+        _number("merge_ratio", self.merge_ratio, "a float with 0 <= merge_ratio < 1, e.g. 0.5", lo=0.0, hi=1.0)
+        _integer("merge_k", self.merge_k, 1)
+        _number("merge_lambda", self.merge_lambda, "a float >= 0, e.g. 1.0", lo=0.0)
 
     @classmethod
     def from_options(cls, options: FastCacheConfig | dict[str, Any] | None) -> FastCacheConfig:
@@ -103,12 +104,42 @@ class FastCacheConfig:
             return options
         if not isinstance(options, dict):
             raise ValueError(f"options must be a dict or a FastCacheConfig, got {type(options).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown fastcache option(s) {unknown}; allowed keys are {allowed}")
+        _known(options)
         return cls(**options)
 
     def replace(self, **changes: Any) -> FastCacheConfig:
         """A copy with some fields changed (the config itself is never mutated)."""
+        _known(changes)
         return dataclasses.replace(self, **changes)
+
+
+def check_token_count(config: FastCacheConfig, num_tokens: int) -> None:
+    """Options that depend on the model's token count, checked once the graph is known.
+
+    kNN merging needs ``merge_k`` neighbours besides each token itself.
+    """
+    if config.token_merge and config.merge_k >= num_tokens:
+        raise ValueError(
+            f"merge_k={config.merge_k} needs more than {config.merge_k} tokens, but this model has {num_tokens} "
+            f"tokens per sample: pass merge_k <= {max(num_tokens - 1, 1)} or token_merge=False"
+        )
+
+
+def _known(options: dict[str, Any]) -> None:
+    allowed = [f.name for f in fields(FastCacheConfig)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown fastcache option(s) {unknown}; allowed keys are {allowed}")
+
+
+def _number(name: str, value: Any, want: str, lo: float, hi: float = math.inf, open_: bool = False) -> None:
+    """A real number in [lo, hi) (or (lo, hi) with ``open_``); ``bool`` is an int to Python, not here."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo < value if open_ else lo <= value) and value < hi
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def _integer(name: str, value: Any, lo: int, want: str | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{name} must be {want or f'an int >= {lo}'}, got {value!r}")

@@ -7,7 +7,61 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastcache_compile import calibration
+from fastcache_compile import FastCacheConfig, calibration
+
+# -- options ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"threshold": True}, "threshold"),
+        ({"threshold": math.inf}, "threshold"),
+        ({"threshold": math.nan}, "threshold"),
+        ({"alpha": True}, "alpha"),
+        ({"num_steps": True}, "num_steps"),
+        ({"max_streams": True}, "max_streams"),
+        ({"warmup_steps": False}, "warmup_steps"),
+        ({"merge_ratio": False}, "merge_ratio"),
+        ({"merge_k": True}, "merge_k"),
+        ({"merge_lambda": True}, "merge_lambda"),
+        ({"merge_lambda": math.inf}, "merge_lambda"),
+        ({"token_threshold": True}, "token_threshold"),
+        ({"token_threshold": math.nan}, "token_threshold"),
+        ({"token_buckets": (0.5, 0.5, 1.0)}, "duplicate"),
+        ({"token_buckets": (1, 0.5, 1.0)}, "duplicate"),
+        ({"audit": 1}, "audit"),
+        ({"warmup_steps": 2.0}, "warmup_steps"),
+    ],
+)
+def test_bad_option_values_raise(options, needle):
+    with pytest.raises(ValueError, match=needle):
+        FastCacheConfig.from_options(options)
+
+
+def test_good_numbers_still_accepted():
+    cfg = FastCacheConfig(threshold=1, alpha=0.1, merge_ratio=0, merge_lambda=2, token_threshold=0, audit=True)
+    assert cfg.threshold == 1 and cfg.audit and FastCacheConfig().audit is False
+
+
+def test_replace_rejects_unknown_and_bad_values():
+    cfg = FastCacheConfig()
+    with pytest.raises(ValueError, match=r"unknown fastcache option\(s\) \['treshold'\]"):
+        cfg.replace(treshold=0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        cfg.replace(threshold=True)
+    assert cfg.replace(threshold=0.2).threshold == 0.2
+
+
+def test_merge_k_against_token_count():
+    from fastcache_compile.config import check_token_count
+
+    cfg = FastCacheConfig(token_merge=True, merge_k=8)
+    check_token_count(cfg, 9)  # 8 neighbours besides the token itself exist
+    with pytest.raises(ValueError, match=r"merge_k=8 .* 8 tokens"):
+        check_token_count(cfg, 8)
+    check_token_count(FastCacheConfig(merge_k=8), 4)  # merging off: merge_k is unused
+
 
 # -- calibration files --------------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ residual ``r = y − x`` per step, and fits by closed form (``approx.ridge`` / `
 * ``trajectory``: one β per block for ``y ≈ x + r̂ + β (r̂ − r̂′)(t − s)/(s − s′)``,
 * ``linear``: ``A − I`` per block output for ``y ≈ ŷ + A (x − x̂)`` (ridge towards plain reuse),
 * ``direct``: ``W, b`` per block output for ``y ≈ W x + b``,
+* ``forecast``: per block a table of weights ``ŷ = x + Σ_k w_k r̂_k`` over the last K computed residuals
+  per gap pattern, the order K chosen on held-out generations, and a conformal error model
+  (``forecast_fit``),
 * ``W_s`` for the block stack as a whole, ``R ≈ R̂ + (x0 − x̂0) W_sᵀ``: the correction token selection
   adds to the cached output of tokens it does not run.
 
@@ -27,7 +30,7 @@ import torch
 from torch import fx
 
 from . import _calibration_file as _file
-from . import approx
+from . import approx, forecast_fit
 
 _GAPS = (1, 2, 3)  # skip lengths the fit and the held-out score consider
 
@@ -66,6 +69,8 @@ class Calibration:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def block_params(self, form: str) -> dict[int, dict[str, torch.Tensor]]:
+        if form == "forecast":
+            return forecast_fit.block_params(self.tensors)
         prefix = {"trajectory": ("beta",), "linear": ("a",), "direct": ("w", "b")}.get(form, ())
         out: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in self.tensors.items():
@@ -306,7 +311,10 @@ def calibrate(
     stack_scores = _score_stack(held, rec.layouts, train_fit)
     tensors = _fit(seqs, rec.layouts, ridge) | _fit_stack(seqs, rec.layouts, ridge)
     recommended = min(scores, key=scores.get)
+    fc_tensors, fc_metrics = forecast_fit.fit(seqs, rec.layouts) if len(seqs) >= 2 else ({}, {})
+    tensors |= fc_tensors
     metrics = {
+        **fc_metrics,
         "heldout_rel_error": scores,
         "scored_on_heldout_generations": heldout,
         "generations": len(seqs),

@@ -97,3 +97,26 @@ def test_bad_arguments():
         forecast.patterns(2, 0)
     with pytest.raises(ValueError, match="square"):
         forecast.fit_table([torch.zeros(3, 4)], 2, 2)
+
+
+def test_fit_on_recorded_sequences_picks_the_exact_order():
+    from fastcache_compile import forecast_fit
+    from fastcache_compile.passes.insert_cache import BlockLayout
+
+    # recorded as calibration does: per generation, per step, per block ([x per stream], [r per output])
+    lay = BlockLayout(0, (0,), (0,))
+    gens = []
+    for seed in range(4):
+        r = _poly_sequence(2, 10, seed).float().reshape(10, 4, 8)  # quadratic in t: K = 3 is exact
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)) + 0.01 * r
+        gens.append([[([x[t]], [r[t]])] for t in range(10)])
+    tensors, metrics = forecast_fit.fit(gens, [lay], ridge=0.0, min_count=1)  # 10 steps: rare patterns
+    scores = metrics["forecast_heldout_rel_error"]
+    assert metrics["forecast_order"] == 3
+    assert scores["fitted_k3"] < 1e-4 < scores["fitted_k2"] < scores["fitted_k1"]
+    assert scores["fixed_k3"] < 1e-4  # the polynomial weights are exact here too
+    assert tensors["fc_table.0"].shape == (forecast_fit.MAX_GAP**3, 3)
+    assert tensors["fc_pred.0"].shape == tensors["fc_err.0"].shape and tensors["fc_err.0"].numel() > 0
+    assert set(forecast_fit.block_params(tensors)[0]) == {"table", "coef", "pred", "err"}
+    with pytest.raises(ValueError, match="at least 2"):
+        forecast_fit.fit(gens[:1], [lay])

@@ -1,0 +1,141 @@
+"""Fit the multi-step forecaster and its conformal error model on recorded calibration sequences.
+
+Input: what ``calibration._Recording`` collected, one list per generation of steps, each step per block
+``([x rows per stream], [r rows per output])`` (rows sampled identically for every tensor of a row
+count). Everything below works on per-sequence inner-product matrices over steps, computed once per
+block:
+
+* ``M[a, b] = ⟨r_a, r_b⟩`` (paired outputs concatenated): the forecaster's normal equations and errors,
+* ``X[a, b] = ⟨x_a, x_b⟩`` (streams concatenated): the decision statistic ``δ²(t, s)``,
+* ``Y[t] = ‖x_t + r_t‖²``: the norm of the true output for relative errors.
+
+Per block and order ``K`` the weight table is fitted on the training generations and scored on the
+held-out ones over every (step, gap pattern) a ``K_max`` history allows, so all orders are compared on
+the same forecasts. For the chosen order, the log-linear error model is fitted on training forecasts,
+and the held-out pairs ``(ê, e)`` are stored: ``conformal.skip_cutoff`` turns them into a cutoff for
+whatever ``τ, α`` the user compiles with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import conformal, forecast
+
+ORDERS = (1, 2, 3)
+MAX_GAP = 4  # the weight table covers skips of up to MAX_GAP − 1 consecutive steps; beyond, compute
+MAX_PAIRS = 4096  # held-out (ê, e) pairs kept per block in the file
+
+
+@dataclass
+class _Grams:
+    m: torch.Tensor  # (T, T) residual inner products
+    x: torch.Tensor  # (T, T) input inner products
+    y: torch.Tensor  # (T,) squared output norms
+
+
+def _grams(gen: list, block: int, lay: Any) -> _Grams | None:
+    paired = [(k, lay.streams.index(p)) for k, p in enumerate(lay.pairs) if p is not None]
+    if not paired:
+        return None
+    steps = [gen[s][block] for s in range(len(gen))]
+    r = torch.stack([torch.cat([xs_rs[1][k].reshape(-1) for k, _ in paired]) for xs_rs in steps]).double()
+    x = torch.stack([torch.cat([v.reshape(-1) for v in xs_rs[0]]) for xs_rs in steps]).double()
+    y = torch.tensor(
+        [sum(float(((xs_rs[0][j] + xs_rs[1][k]).double() ** 2).sum()) for k, j in paired) for xs_rs in steps],
+        dtype=torch.float64,
+    )
+    return _Grams(r @ r.T, x @ x.T, y)
+
+
+def _rel_errors(g: _Grams, table: torch.Tensor, order: int, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(E,) relative output errors of forecasts at ``t`` from the first ``order`` computed steps of ``s``."""
+    hist = s[:, :order]
+    steps = torch.cat([t[:, None], hist], 1)  # (E, K + 1)
+    rows = forecast.pattern_index(steps[:, :-1] - steps[:, 1:], MAX_GAP)
+    sq = forecast.squared_errors(g.m, t, hist, table[rows]).clamp_min(0.0)
+    return (sq / g.y[t].clamp_min(1e-30)).sqrt()
+
+
+def _features(g: _Grams, t: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    x = g.x
+    delta2 = (x[t, t] - 2 * x[t, s1] + x[s1, s1]) / x[s1, s1].clamp_min(1e-30)  # as rule.relative_change
+    return conformal.error_features(delta2.float(), (t - s1).float(), t.float())
+
+
+def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 1e-6, min_count: int = 4) -> tuple[dict, dict]:
+    """Forecaster tensors and metrics from recorded generations (≥ 2 needed for held-out scores).
+
+    Tensors: ``fc_table.{i}`` (G^K, K) weights, ``fc_coef.{i}`` (4,) error model, ``fc_pred.{i}`` /
+    ``fc_err.{i}`` held-out (ê, e) pairs; metrics: held-out mean relative error per order (fitted and
+    fixed polynomial weights), the chosen order, and the number of held-out forecasts.
+    """
+    if len(seqs) < 2:
+        raise ValueError("the forecaster needs at least 2 calibration generations (one is held out)")
+    held = seqs[1::2]  # every second generation is held out: conformal pairs need fresh data
+    train = seqs[0::2]
+    k_max = max(ORDERS)
+    per_order: dict[str, list[float]] = {f"fitted_k{k}": [] for k in ORDERS}
+    per_order |= {f"fixed_k{k}": [] for k in ORDERS}
+    tables: dict[int, dict[int, torch.Tensor]] = {}
+    grams: dict[int, tuple[list[_Grams], list[_Grams]]] = {}
+    for i, lay in enumerate(layouts):
+        tr = [g for g in (_grams(gen, i, lay) for gen in train) if g is not None]
+        he = [g for g in (_grams(gen, i, lay) for gen in held) if g is not None]
+        if not tr or not he:
+            continue  # no paired output: the skip path reuses the cached output
+        grams[i] = (tr, he)
+        tables[i] = {}
+        for k in ORDERS:
+            fitted, _ = forecast.fit_table([g.m for g in tr], k, MAX_GAP, ridge=ridge, min_count=min_count)
+            tables[i][k] = fitted
+            for name, table in ((f"fitted_k{k}", fitted), (f"fixed_k{k}", forecast.lagrange_table(k, MAX_GAP))):
+                for g in he:
+                    t, s, _ = forecast.examples(g.m.shape[0], k_max, MAX_GAP)
+                    per_order[name] += _rel_errors(g, table, k, t, s).tolist()
+    if not tables:
+        raise ValueError("no block has an output paired with an input stream: nothing to forecast")
+    scores = {name: sum(v) / len(v) for name, v in per_order.items() if v}
+    order = min(ORDERS, key=lambda k: scores[f"fitted_k{k}"])
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (tr, he) in grams.items():
+        table = tables[i][order]
+        tensors[f"fc_table.{i}"] = table
+        feats, errs = [], []
+        for g in tr:
+            t, s, _ = forecast.examples(g.m.shape[0], order, MAX_GAP)
+            feats.append(_features(g, t, s[:, 0]))
+            errs.append(_rel_errors(g, table, order, t, s))
+        coef = conformal.fit_error_model(torch.cat(feats), torch.cat(errs))
+        tensors[f"fc_coef.{i}"] = coef
+        preds, errs = [], []
+        for g in he:
+            t, s, _ = forecast.examples(g.m.shape[0], order, MAX_GAP)
+            preds.append(conformal.predict_error(coef.double(), _features(g, t, s[:, 0]).double()))
+            errs.append(_rel_errors(g, table, order, t, s))
+        pred, err = torch.cat(preds).float(), torch.cat(errs).float()
+        if pred.numel() > MAX_PAIRS:  # an even thinning keeps the pairs exchangeable with fresh ones
+            keep = torch.linspace(0, pred.numel() - 1, MAX_PAIRS).long()
+            pred, err = pred[keep], err[keep]
+        tensors[f"fc_pred.{i}"], tensors[f"fc_err.{i}"] = pred, err
+    metrics = {
+        "forecast_heldout_rel_error": scores,
+        "forecast_order": order,
+        "forecast_max_gap": MAX_GAP,
+        "forecast_heldout_forecasts": len(per_order["fitted_k1"]),
+    }
+    return tensors, metrics
+
+
+def block_params(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """Per block ``{"table", "coef", "pred", "err"}`` of a calibration's forecaster tensors."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        kind, _, block = name.partition(".")
+        if kind in ("fc_table", "fc_coef", "fc_pred", "fc_err"):
+            out.setdefault(int(block), {})[kind[3:]] = value
+    return out

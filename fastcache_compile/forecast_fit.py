@@ -32,9 +32,13 @@ MAX_PAIRS = 4096  # held-out (ê, e) pairs kept per block in the file
 
 @dataclass
 class _Grams:
-    m: torch.Tensor  # (T, T) residual inner products
-    x: torch.Tensor  # (T, T) input inner products
-    y: torch.Tensor  # (T,) squared output norms
+    ms: list[torch.Tensor]  # per paired output: (T, T) residual inner products
+    ys: list[torch.Tensor]  # per paired output: (T,) squared output norms
+    x: torch.Tensor  # (T, T) input inner products, streams concatenated
+
+    @property
+    def m(self) -> torch.Tensor:
+        return sum(self.ms)  # outputs share the weights: their normal equations add
 
 
 def _grams(gen: list, block: int, lay: Any) -> _Grams | None:
@@ -42,22 +46,27 @@ def _grams(gen: list, block: int, lay: Any) -> _Grams | None:
     if not paired:
         return None
     steps = [gen[s][block] for s in range(len(gen))]
-    r = torch.stack([torch.cat([xs_rs[1][k].reshape(-1) for k, _ in paired]) for xs_rs in steps]).double()
+    ms, ys = [], []
+    for k, j in paired:
+        r = torch.stack([xs_rs[1][k].reshape(-1) for xs_rs in steps]).double()  # (T, rows·D)
+        y = torch.stack([(xs_rs[0][j] + xs_rs[1][k]).reshape(-1) for xs_rs in steps]).double()
+        ms.append(r @ r.T)
+        ys.append((y**2).sum(1))
     x = torch.stack([torch.cat([v.reshape(-1) for v in xs_rs[0]]) for xs_rs in steps]).double()
-    y = torch.tensor(
-        [sum(float(((xs_rs[0][j] + xs_rs[1][k]).double() ** 2).sum()) for k, j in paired) for xs_rs in steps],
-        dtype=torch.float64,
-    )
-    return _Grams(r @ r.T, x @ x.T, y)
+    return _Grams(ms, ys, x @ x.T)
 
 
 def _rel_errors(g: _Grams, table: torch.Tensor, order: int, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(E,) relative output errors of forecasts at ``t`` from the first ``order`` computed steps of ``s``."""
+    """(E,) relative output errors of forecasts at ``t`` from the first ``order`` computed steps of ``s``:
+    the worst over the block's paired outputs, as the audit measures a skipped block."""
     hist = s[:, :order]
     steps = torch.cat([t[:, None], hist], 1)  # (E, K + 1)
-    rows = forecast.pattern_index(steps[:, :-1] - steps[:, 1:], MAX_GAP)
-    sq = forecast.squared_errors(g.m, t, hist, table[rows]).clamp_min(0.0)
-    return (sq / g.y[t].clamp_min(1e-30)).sqrt()
+    w = table[forecast.pattern_index(steps[:, :-1] - steps[:, 1:], MAX_GAP)]
+    per_out = [
+        (forecast.squared_errors(m, t, hist, w).clamp_min(0.0) / y[t].clamp_min(1e-30)).sqrt()
+        for m, y in zip(g.ms, g.ys)
+    ]
+    return torch.stack(per_out).amax(0)
 
 
 def _features(g: _Grams, t: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:

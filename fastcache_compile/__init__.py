@@ -1,7 +1,7 @@
 """FastCache for Diffusion Transformers as a ``torch.compile`` backend.
 
 model = torch.compile(model, backend="fastcache", options={"threshold": 0.05})
-fastcache_compile.stats(model); fastcache_compile.reset(model)
+fastcache_compile.stats(model); fastcache_compile.reset(model)   # per model instance and compile
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from .backend import fastcache_backend
 from .calibration import Calibration, calibrate
 from .config import FastCacheConfig
-from .runtime import runtimes_for
+from .diffusers_hooks import cache_hooks, refusal
+from .runtime import owners_of_model
 
 __all__ = [
     "Calibration",
@@ -41,40 +42,51 @@ def _register() -> None:
 _register()
 
 
+def _compiled_config(model: Any) -> FastCacheConfig | None:
+    """The options of a ``torch.compile(..., backend="fastcache")`` result; None for anything else
+    (the original module, or a custom backend callable whose options cannot be read)."""
+    backend = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    while hasattr(backend, "_torchdynamo_orig_backend"):  # Dynamo's wrappers around the backend
+        backend = backend._torchdynamo_orig_backend
+    if getattr(backend, "compiler_fn", None) is not fastcache_backend:
+        return None
+    return FastCacheConfig.from_options(getattr(backend, "kwargs", {}).get("options"))
+
+
+def _owners(model: torch.nn.Module) -> list[Any]:
+    owners = owners_of_model(model)
+    config = _compiled_config(model)
+    return owners if config is None else [o for o in owners if o.config == config]
+
+
 def stats(model: torch.nn.Module) -> dict[str, Any]:
-    """What the cache did for ``model`` (the object ``torch.compile`` returned, or the original)."""
-    runtimes = runtimes_for(model)
-    if not runtimes:
+    """What the cache did for this model instance under this compile.
+
+    ``model`` is the object ``torch.compile`` returned, or the original module if it was compiled
+    with fastcache once (compiled twice with different options, pass the compiled object).
+    """
+    found = cache_hooks(getattr(model, "_orig_mod", model))
+    if found:
+        raise refusal(found)  # fastcache stood aside: any numbers would be stale
+    owners = _owners(model)
+    if not owners:
         raise ValueError(
             "no fastcache state for this model: compile it with torch.compile(model, backend='fastcache') "
             "and call it at least once"
         )
-    total: dict[str, Any] = {"graphs": len(runtimes)}
-    for rt in runtimes:
-        s = rt.summary()
-        for key in ("calls", "generations", "blocks_computed", "blocks_skipped", "compiled_variants"):
-            total[key] = total.get(key, 0) + s[key]
-        prev = total.get("per_block_skipped", [])
-        cur = s["per_block_skipped"]
-        total["per_block_skipped"] = [a + b for a, b in zip(prev, cur)] if prev else list(cur)
-        total["_work"] = total.get("_work", 0.0) + s["work_fraction"] * s["calls"]
-        if "tokens_per_call" in s:  # token selection: tokens run through the blocks per call
-            total.setdefault("tokens_per_call", []).extend(s["tokens_per_call"])
-            total["num_tokens"] = s["num_tokens"]
-            total["_tokens"] = total.get("_tokens", 0.0) + s["token_fraction"] * len(s["tokens_per_call"])
-    if "tokens_per_call" in total:  # the runtimes' per-call means, weighted by their calls
-        total["token_fraction"] = total.pop("_tokens") / len(total["tokens_per_call"])
-    # Share of the block stack's token-blocks that ran: block skips and token selection together.
-    total["work_fraction"] = total.pop("_work") / total["calls"] if total["calls"] else 1.0
-    blocks = total["blocks_computed"] + total["blocks_skipped"]
-    total["skip_ratio"] = total["blocks_skipped"] / blocks if blocks else 0.0
-    return total
+    if len(owners) > 1:
+        raise ValueError(
+            f"this module was compiled with fastcache {len(owners)} times with different options; pass the "
+            "object torch.compile returned to say which compile's statistics you want"
+        )
+    return owners[0].summary()
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Forget all cache state and statistics of ``model``; the next call starts a new generation."""
-    for rt in runtimes_for(model):
-        rt.reset()
+    """Forget the cache state and statistics of this model instance (every compile of it when given
+    the original module); its next call starts a new generation. Other instances keep theirs."""
+    for owner in _owners(model):
+        owner.reset()
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str, **options: Any) -> Any:

@@ -10,7 +10,6 @@ static-shaped) and held by a ``CacheRuntime``, which carries the cache state bet
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,19 +18,13 @@ from torch import fx
 
 from . import calibration as _calibration
 from .config import FastCacheConfig
+from .diffusers_hooks import Refusing, traced_owners
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
 from .passes.retarget import clone_graph_module
 from .passes.select_tokens import TokenPlanError, insert_token_select
-from .runtime import CacheRuntime, Variant
+from .runtime import CacheRuntime, Variant, _warn_once, _warned  # noqa: F401  (_warned: tests clear it)
 
 log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> Callable:
@@ -67,6 +60,23 @@ def fastcache_backend(
 ) -> Callable:
     """``torch.compile(model, backend="fastcache", options=...)`` lands here."""
     config = FastCacheConfig.from_options(options)
+    owners = traced_owners()
+    if not owners:
+        return _compile(gm, example_inputs, config)
+    # A diffusers cache hook on the model leaves fastcache without a block stack (or two caches on
+    # one model): a graph traced under one refuses to run while the hook stays, and is compiled only
+    # if it is ever called after the hook was removed.
+    lazy: dict[str, Callable] = {}
+
+    def after_removal(*args: Any) -> Any:
+        if "fn" not in lazy:
+            lazy["fn"] = _compile(gm, list(args), config)
+        return lazy["fn"](*args)
+
+    return Refusing(after_removal, owners)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FastCacheConfig) -> Callable:
     try:
         plan_probe = find_blocks(clone_graph_module(gm))
     except BlockPlanError as err:
@@ -121,17 +131,13 @@ def fastcache_backend(
 
         return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint, num_tokens)
 
-    def plain() -> Callable:
-        _warn_once("fastcache: inputs require grad; running the uncached graph (caching is inference-only)")
-        return _lower(clone_graph_module(gm), example_inputs, config.lowering)
+    def plain(args: Sequence[Any]) -> Callable:
+        # Lowered with the call's own inputs: holding the first call's would keep that model alive.
+        _warn_once(
+            "fastcache: inputs or parameters require grad; running the uncached graph (caching is "
+            "inference-only: call the model under torch.no_grad() or after model.requires_grad_(False))"
+        )
+        return _lower(clone_graph_module(gm), list(args), config.lowering)
 
     log.info("fastcache: %d blocks found", num_blocks)
-    runtime = CacheRuntime(gm, example_inputs, config, build, plain)
-    if runtime.timestep_input is None:
-        # Without a timestep the runtime cannot see a new generation start; say so rather than let a
-        # cache silently carry over (the skip test still recomputes blocks whose input moved).
-        _warn_once(
-            "fastcache: no timestep input recognised by name; call fastcache_compile.reset(model) before "
-            "each new generation"
-        )
-    return runtime
+    return CacheRuntime(gm, example_inputs, config, build, plain)

@@ -1,25 +1,27 @@
-"""Runtime wrapper the backend returns: holds cache state between calls and picks the variant.
+"""Runtime wrapper the backend returns: picks the compiled variant and carries cache state between calls.
 
-Per conditioning stream (slot) it keeps the functional state tensors the rewritten graph takes and
-returns, the step counter of the current generation and the last timestep. Two compiled variants
-exist per input signature: ``init`` (no state yet: compute everything, emit state) and ``cached``
-(state in, ``torch.cond`` per block, state out).
+Dynamo hands one ``CacheRuntime`` per graph; the state it carries belongs to the model instance the
+call is for (``instances.Owner``: per conditioning stream the functional state tensors the rewritten
+graph takes and returns, statistics, and the generation's ``Schedule``). Two compiled variants exist
+per input signature: ``init`` (no state yet: compute everything, emit state) and ``cached`` (state
+in, ``torch.cond`` per block, state out).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
 from .config import FastCacheConfig
+from .instances import _OWNERS, Owner, Part, Slot, config_tag, owner_for, owners_of, summarize
 from .passes.outline_blocks import _is_state_input
 
 # Placeholder names (Dynamo's ``l_<arg>_``) of the inputs that change every step by design: they
@@ -28,8 +30,21 @@ from .passes.outline_blocks import _is_state_input
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
 _LATENT_NAMES = ("hidden_states", "x", "sample", "latents", "latent_model_input", "img", "z", "x_t")
 
+_ROLE_SEARCH_CALLS = 8  # calls to watch for an unnamed timestep before saying none was found
+_NO_TIMESTEP = (
+    "fastcache: no timestep input recognised (by name, or as a per-sample float input that changes "
+    "between calls of one stream); call fastcache_compile.reset(model) before each new generation"
+)
+
 _RUNTIMES: weakref.WeakSet[CacheRuntime] = weakref.WeakSet()
 _RECORDERS: list[Callable[..., None]] = []
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -97,22 +112,8 @@ def _fingerprint(t: torch.Tensor) -> bytes:
     return hashlib.sha1(b"".join(parts) + str((tuple(t.shape), t.dtype)).encode()).digest()
 
 
-@dataclass
-class _Slot:
-    state: list[torch.Tensor] | None = None
-    signature: tuple | None = None
-    step: int = 0
-    last_t: float | None = None
-
-
-@dataclass
-class _Stats:
-    calls: int = 0
-    generations: int = 0
-    computed: torch.Tensor | None = None  # (num_blocks,) int64 running sum, on the model's device
-    tokens_run: list[torch.Tensor] = field(default_factory=list)  # per call: tokens through the blocks
-    token_counts: list[int] = field(default_factory=list)  # per call: N of that call's variant
-    work: torch.Tensor | None = None  # running sum over calls of (blocks run × tokens run) / (blocks × N)
+def _key(args: Sequence[Any], positions: Sequence[int]) -> bytes:
+    return hashlib.sha1(b"".join(_fingerprint(args[i]) for i in positions)).digest()
 
 
 class CacheRuntime:
@@ -124,7 +125,7 @@ class CacheRuntime:
         example_inputs: Sequence[Any],
         config: FastCacheConfig,
         build: Callable[[fx.GraphModule, Sequence[Any]], Variant],
-        plain: Callable[[], Callable],
+        plain: Callable[[Sequence[Any]], Callable],
     ) -> None:
         self.gm = gm
         self.config = config
@@ -132,146 +133,188 @@ class CacheRuntime:
         self._plain_factory = plain
         self._plain: Callable | None = None
         self.variants: dict[tuple, Variant] = {}
-        self.slots: OrderedDict[bytes, _Slot] = OrderedDict()
-        self.stats = _Stats()
+        self._tag = config_tag(config)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self._param_ids = {id(v) for n, v in zip(placeholders, example_inputs) if _is_module_state(n, v)}
+        state = [_is_module_state(n, v) for n, v in zip(placeholders, example_inputs)]
+        # The instance a call is for is named by its first Parameter (a buffer may be shared between
+        # models); positions are fixed per graph, so each call reads one input, not all of them.
+        params = [i for i, v in enumerate(example_inputs) if state[i] and isinstance(v, torch.nn.Parameter)]
+        module_state = params or [i for i, s in enumerate(state) if s]
+        self._owner_pos = module_state[0] if module_state else None
+        self._anon = Owner(config, None) if self._owner_pos is None else None
+        self._last: weakref.ref[Owner] | None = None
         names = [_arg_name(n) for n in placeholders]
-        user = [
-            i
-            for i, (n, v) in enumerate(zip(placeholders, example_inputs))
-            if isinstance(v, torch.Tensor) and not _is_module_state(n, v)
-        ]
+        user = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.Tensor) and not state[i]]
+        self._user_pos = user
+        # Module state shapes are guarded by Dynamo (or follow the SymInt inputs, which are kept here).
+        self._sig_pos = [i for i in range(len(example_inputs)) if not state[i]]
         self._timestep_pos = next((i for i in user if names[i] in _TIMESTEP_NAMES), None)
-        latent = next((i for i in user if names[i] in _LATENT_NAMES), user[0] if user else None)
-        self._cond_pos = [i for i in user if i not in (self._timestep_pos, latent)]
+        self._latent_pos = next((i for i in user if names[i] in _LATENT_NAMES), user[0] if user else None)
+        self._cond_pos = [i for i in user if i not in (self._timestep_pos, self._latent_pos)]
+        # Timestep by role (no known name): candidates are fixed at the first call, then watched.
+        self._candidates: list[int] | None = None if self._timestep_pos is None else []
+        self._candidate_seen: dict[bytes, list[tuple[bytes, float]]] = {}
+        self._search_calls = 0
         _RUNTIMES.add(self)
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def owns(self, module: torch.nn.Module) -> bool:
-        ids = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
-        return bool(ids & self._param_ids)
-
     @property
     def timestep_input(self) -> int | None:
-        """Position of the graph input recognised as the timestep, if any."""
+        """Position of the graph input recognised as the timestep, if any (yet)."""
         return self._timestep_pos
 
+    @property
+    def compiled_variants(self) -> int:
+        return 2 * len(self.variants) + (self._plain is not None)
+
+    def owns(self, module: torch.nn.Module) -> bool:
+        """For a graph without module-state inputs: whether it holds ``module``'s parameters itself."""
+        ids = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
+        return any(id(p) in ids for p in self.gm.parameters()) or any(id(b) in ids for b in self.gm.buffers())
+
+    def _owners(self) -> list[Owner]:
+        if self._anon is not None:
+            return [self._anon]
+        return [o for o in list(_OWNERS.values()) if self in o.parts]
+
     def reset(self) -> None:
-        self.slots.clear()
-        self.stats = _Stats()
+        """Forget the state and statistics of every instance this graph served."""
+        for owner in self._owners():
+            owner.reset()
 
-    def _slot_for(self, args: Sequence[Any]) -> tuple[bytes, _Slot]:
-        key = hashlib.sha1(b"".join(_fingerprint(args[i]) for i in self._cond_pos)).digest()
-        slot = self.slots.get(key)
-        if slot is None:
-            if len(self.slots) >= self.config.max_streams:
-                self.slots.popitem(last=False)  # least recently used stream loses its cache
-            slot = self.slots[key] = _Slot()
-        self.slots.move_to_end(key)
-        return key, slot
+    def summary(self) -> dict[str, Any]:
+        """Statistics of every instance this graph served (the exported runner has exactly one)."""
+        owners = self._owners()
+        parts = [(self, o.parts[self]) for o in owners if self in o.parts]
+        return summarize(parts, sum(o.schedule.generations for o in owners))
 
-    @staticmethod
-    def _signature(args: Sequence[Any]) -> tuple:
-        return tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a for a in args)
+    def _owner(self, args: Sequence[Any]) -> Owner:
+        if self._anon is not None:
+            return self._anon
+        param = args[self._owner_pos]
+        last = self._last() if self._last is not None else None
+        if last is not None and last.ref is not None and last.ref() is param:
+            return last
+        owner = owner_for(param, self._tag, self.config)
+        self._last = weakref.ref(owner)  # never keeps a dead model's state alive
+        return owner
+
+    def _slot(self, part: Part, key: bytes, generation: int) -> Slot:
+        slot = part.slots.get(key)
+        if slot is not None:
+            part.slots.move_to_end(key)
+            return slot
+        if len(part.slots) >= self.config.max_streams:
+            _, evicted = part.slots.popitem(last=False)  # least recently used stream loses its cache
+            if evicted.state is not None and evicted.generation == generation and not self._candidates:
+                _warn_once(
+                    f"fastcache: more conditioning streams than max_streams={self.config.max_streams} run in "
+                    "one generation, so each call evicts another stream's cache and computes every block; "
+                    "raise options['max_streams'] to the number of calls per step (cond, uncond, ...)"
+                )
+        slot = part.slots[key] = Slot()
+        return slot
+
+    def _find_timestep(self, args: Sequence[Any], owner: Owner) -> None:
+        """Recognise an unnamed timestep by its role: a per-sample float input (not the latents) that
+        changes between two calls of one conditioning stream. Until then candidates stay in the
+        stream key, so no stream is ever served from another's cache."""
+        if self._candidates is None:
+            latent = args[self._latent_pos] if self._latent_pos is not None else None
+            batch = latent.shape[0] if isinstance(latent, torch.Tensor) and latent.dim() else 1
+            self._candidates = [
+                i for i in self._cond_pos if args[i].is_floating_point() and 0 < args[i].numel() <= max(batch, 1)
+            ]
+            if not self._candidates:
+                _warn_once(_NO_TIMESTEP)
+                return
+        stream = _key(args, [i for i in self._cond_pos if i not in self._candidates])
+        now = [(_fingerprint(args[i]), float(args[i].detach().float().max())) for i in self._candidates]
+        before = self._candidate_seen.get(stream)
+        self._candidate_seen[stream] = now
+        changed = [(i, b[1]) for i, a, b in zip(self._candidates, now, before or now) if a[0] != b[0]]
+        if changed:
+            self._timestep_pos = changed[0][0]
+            self._cond_pos = [i for i in self._cond_pos if i not in {i for i, _ in changed}]
+            self._candidates, self._candidate_seen = [], {}
+            for o in self._owners():
+                o.part(self).slots.clear()  # their keys held the timestep: no stream will match them again
+            if owner.schedule.last_t is None:
+                owner.schedule.last_t = changed[0][1]  # this call is the second step, not a first
+            return
+        self._search_calls += 1
+        if self._search_calls >= _ROLE_SEARCH_CALLS:
+            self._candidates, self._candidate_seen = [], {}
+            _warn_once(_NO_TIMESTEP)
 
     # -- call ------------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
-        if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad and not isinstance(a, torch.nn.Parameter) for a in args
-        ):
-            # A cache has no gradient; differentiate through the plain graph instead.
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # A cache has no gradient (a model in training, un-frozen parameters, inputs that require
+            # grad): differentiate through the plain graph instead.
             if self._plain is None:
-                self._plain = self._plain_factory()
+                self._plain = self._plain_factory(args)
             return self._plain(*args)
         # Compiled variants are specialised to their example inputs' layouts; inputs such as an
         # expanded (stride-0) timestep would not match what the cond branches were traced with.
-        args = tuple(
-            a.contiguous() if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) else a for a in args
-        )
+        call = list(args)
+        for i in self._user_pos:
+            call[i] = call[i].contiguous()
         with torch.no_grad():
-            return self._call(list(args))
+            return self._call(call)
 
     def _call(self, args: list[Any]) -> Any:
-        sig = self._signature(args)
-        if sig not in self.variants:
-            self.variants[sig] = self._build(self.gm, args)
-        variant = self.variants[sig]
+        sig = tuple(
+            (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a
+            for a in (args[i] for i in self._sig_pos)
+        )
+        variant = self.variants.get(sig)
+        if variant is None:
+            variant = self.variants[sig] = self._build(self.gm, args)
         n_out = variant.num_outputs
         recorder = _RECORDERS[-1] if _RECORDERS else None
-        key, slot = self._slot_for(args)
+        owner = self._owner(args)
+        part = owner.part(self)
 
+        if self._candidates is None or self._candidates:
+            self._find_timestep(args, owner)
         t_now = None
         if self._timestep_pos is not None:
             t_now = float(args[self._timestep_pos].detach().float().max())
-        new_generation = slot.state is None or slot.signature != sig
-        if t_now is not None and slot.last_t is not None and t_now > slot.last_t:
-            new_generation = True  # the timestep jumped back up: a new sampling run started
-        if new_generation:
-            slot.state, slot.step = None, 0
-            self.stats.generations += 1
-        slot.last_t = t_now
+        key = _key(args, self._cond_pos)
+        # While an unnamed timestep is searched for it is part of ``key``; the schedule must still see
+        # the stream repeat, so it gets the key without the candidates.
+        stream = _key(args, [i for i in self._cond_pos if i not in self._candidates]) if self._candidates else key
+        generation, step = owner.schedule.observe(stream, t_now)
+        slot = self._slot(part, key, generation)
+        if slot.generation != generation or slot.signature != sig:
+            slot.state = None  # another generation's state, or another input signature's
 
         cfg = self.config
-        step = torch.tensor(float(slot.step))
+        step_t = torch.tensor(float(step))
         if slot.state is None:
-            outs = variant.init(*args, step)
+            outs = variant.init(*args, step_t)
         else:
-            force = slot.step < cfg.warmup_steps or (cfg.num_steps is not None and slot.step >= cfg.num_steps - 1)
+            force = step < cfg.warmup_steps or (cfg.num_steps is not None and step >= cfg.num_steps - 1)
             force = force or recorder is not None  # calibration records full computations
-            outs = variant.cached(*args, *slot.state, step, torch.tensor(force))
+            outs = variant.cached(*args, *slot.state, step_t, torch.tensor(force))
         outs = list(outs)
-        if variant.num_tokens is not None:
-            # (*outputs, *state, computed, tokens_run): the token count stays a tensor (no host sync)
-            self.stats.tokens_run.append(outs.pop())
-            self.stats.token_counts.append(variant.num_tokens)
+        # token mode: (*outputs, *state, computed, tokens_run); the count stays a tensor (no host sync)
+        tokens_run = outs.pop() if variant.num_tokens is not None else None
         computed = outs[-1]
         # Compiled variants are specialised to the strides of their example inputs; Inductor may hand
         # back the state in another layout than the one it was first compiled with, so normalise it.
         slot.state = [s.contiguous() for s in outs[n_out:-1]]
-        slot.signature = sig
+        slot.signature, slot.generation = sig, generation
         if recorder is not None:
-            recorder(self, key, slot.step, slot.state, variant)
-        slot.step += 1
-
-        st = self.stats
-        st.calls += 1
-        flags = computed.to(torch.int64)
-        st.computed = flags if st.computed is None else st.computed + flags
-        work = computed.float().mean()
-        if variant.num_tokens is not None:
-            work = work * st.tokens_run[-1] / variant.num_tokens
-        st.work = work if st.work is None else st.work + work
+            recorder(part, key, step, slot.state, variant)
+        part.stats.add(computed, tokens_run, variant.num_tokens)
         return tuple(outs[:n_out]) if variant.seq_output else outs[0]
 
-    def summary(self) -> dict[str, Any]:
-        st = self.stats
-        per_block = st.computed.tolist() if st.computed is not None else []
-        n_blocks = len(per_block)
-        return {
-            "calls": st.calls,
-            "generations": st.generations,
-            "blocks_computed": int(sum(per_block)),
-            "blocks_skipped": st.calls * n_blocks - int(sum(per_block)),
-            "per_block_skipped": [st.calls - c for c in per_block],
-            "compiled_variants": 2 * len(self.variants) + (self._plain is not None),
-            "work_fraction": float(st.work) / st.calls if st.work is not None and st.calls else 1.0,
-            **self._token_summary(),
-        }
 
-    def _token_summary(self) -> dict[str, Any]:
-        st = self.stats
-        if not st.tokens_run:
-            return {}
-        per_step = [int(t) for t in torch.stack(st.tokens_run).tolist()]
-        return {
-            "num_tokens": st.token_counts[-1],
-            "tokens_per_call": per_step,
-            # mean over calls of k/N, each call against its own variant's N (resolutions may differ)
-            "token_fraction": sum(k / n for k, n in zip(per_step, st.token_counts)) / len(per_step),
-        }
-
-
-def runtimes_for(module: torch.nn.Module) -> list[CacheRuntime]:
+def owners_of_model(module: torch.nn.Module) -> list[Owner]:
+    """Every live owner (model instance × compile) of ``module`` that has run at least once."""
     base = getattr(module, "_orig_mod", module)
-    return [rt for rt in list(_RUNTIMES) if rt.owns(base)]
+    owners = owners_of(base)
+    owners += [rt._anon for rt in list(_RUNTIMES) if rt._anon is not None and rt.owns(base)]
+    return [o for o in owners if len(o.parts)]

@@ -1,122 +1,74 @@
-"""Sweep FastCache and the cache baselines on the reference DiT and write one comparison report.
+"""Sweep FastCache, its peers and the cache baselines on the reference models; write one report per model.
 
-    python -m benchmarks.compare [--quick] [--out DIR]
+    python -m benchmarks.compare --quick              # README demo: new MMDiT, a few minutes, eager only
+    python -m benchmarks.compare [--model new|old|both] [--samples N] [--out DIR]
 
-Every method sees the same model (loaded once, so a checkpoint rewritten by a running training job
-cannot change mid-sweep), scheduler, labels and per-sample seeds. Each row: a short warm-up generation
-(for Inductor it holds the compile, reported as ``compile_s``), then all samples in fixed-size batches,
-timed per batch. Quality is against the uncached eager samples. Outputs: compare.json, compare.md,
-pareto_psnr.png, pareto_fid.png, samples_grid.png in ``--out``.
+``new`` is the reference MMDiT (rectified flow, Euler, CFG; the primary model); ``old`` the earlier
+ε-prediction DDIM DiT, a labelled hard case (see ``benchmarks.subjects``). Each model is loaded once.
+
+Timing is interleaved: every method is set up (own model copy) and warmed up first (for Inductor the
+warm-up holds the compile, reported as ``compile_s``); then the timed phase goes batch by batch, and
+within each batch over all methods in a rotating order, so load from other jobs on a shared machine
+spreads over all methods alike. Process CPU time and wall time are both recorded per batch. Quality is
+against the uncached eager samples of the same seeds. Outputs per model: compare.json, compare.md,
+pareto_psnr.png, pareto_fid.png, samples_grid.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
+import math
 import os
-import platform
 import time
-import traceback
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
+import torch._dynamo
 import torch._dynamo.utils
-from tqdm import tqdm
 
 from benchmarks import baselines as bl
 from benchmarks import diffusers_hooks as dhk
-from benchmarks import report
+from benchmarks import report, subjects
+from benchmarks.cachedit_runs import CacheDit
+from benchmarks.compare_env import describe_error, environment
 from benchmarks.fastcache_runs import Compiled, bound_violations, ensure_calibration, fastcache_options
 from benchmarks.metrics import PeakRss, compute_shares, psnr, rel_l2, ssim
-from benchmarks.reference.fid import fid_fmnist
-from benchmarks.reference.pipeline import DEFAULT_GUIDANCE, DEFAULT_PATH, load_reference, load_scheduler, sample
+from benchmarks.plans import PLANS, Plan
+from benchmarks.reference.fid import fid_with_interval, real_fid
 from fastcache_compile.backend import resolve_form
 from fastcache_compile.calibration import load as load_calibration
 
 CFG_STREAMS = {
-    "fastcache": "runtime keeps one state slot per conditioning stream, matched by the class_labels input",
-    "fora / fbc / teacache": "state keyed by the class_labels (and shape) each block receives",
-    "diffusers-fbc / -magcache / -taylorseer": "diffusers StateManager per cache_context name (cond / uncond)",
-    "diffusers-pab": "shipped hook shares one state across calls; the harness swaps a per-stream state in",
+    "fastcache": "runtime keeps one state slot per conditioning stream, matched by the conditioning inputs",
+    "fora / fbc / teacache": "state keyed by the model call's conditioning tensors (and batch shape)",
+    "diffusers-*": "diffusers StateManager per cache_context name; PAB: the harness swaps a per-stream state in",
+    "cache-dit": "batched CFG is one stream (enable_separate_cfg=False)",
 }
-SHIPPED_CALIBRATION = DEFAULT_PATH / "fastcache_calibration.safetensors"
-DEFAULT_STEPS = 50
 WARMUP_STEPS = 4  # warm-up generation: enough for both fastcache variants (init + cached) to compile
-_REPO = str(Path(__file__).resolve().parents[1])
 OTHER_SEEDS = 1_000_000  # calibration / fitting seeds, disjoint from the evaluated ones
 
 
-@dataclass
-class Plan:
-    """What one mode sweeps. Settings span light to aggressive caching on the reference model (chosen
-    from a 50-step sweep: e.g. FBC at 0.05 never skips, TeaCache above 0.2 drops below 15 dB PSNR)."""
-
-    mode: str
-    samples: int
-    batch: int
-    steps: int
-    shadow_samples: int  # samples of the eager shadow run that measures bound violations
-    calibration_generations: int  # generations of 4 samples for fastcache_compile.calibrate
-    fastcache: tuple[tuple[str, float, str], ...]  # (approximation, τ, lowering) per fastcache row
-    tokens: tuple[tuple[float, float, bool], ...]  # (τ, token_threshold, merge) per fastcache+tokens row
-    fora: tuple[int, ...]
-    fbc: tuple[float, ...]
-    teacache: tuple[float, ...]
-    diffusers_fbc: tuple[float, ...]
-    pab: tuple[int, ...]
-    taylorseer: tuple[int, ...]
-    magcache: tuple[float, ...]
-
-
-def _grid(forms: tuple[str, ...], taus: tuple[float, ...], lowerings: tuple[str, ...]) -> tuple:
-    return tuple((f, t, low) for f in forms for t in taus for low in lowerings)
-
-
-# fastcache: "auto" = the trajectory form with the calibration; "reuse" = y ≈ x + r̂, no calibration.
-# Default: every row generates all 80 samples at 50 steps. Measured at 16 samples, all rows together cost
-# ~16 s of CPU per sample, plus ~6.5 min fixed (fits, compiles, shadow runs, warm-ups) and ~3 min more
-# when the calibration must be (re)fitted: ~30 min at one thread on an idle 2-core machine. FID-FMNIST at
-# N = 80 (< 128 feature dims) is biased upwards, identically for every row; raise --samples if time allows.
-DEFAULT = Plan(
-    "default", 80, 40, DEFAULT_STEPS, 16, 4,
-    # every skip-path form at the same τ values (Inductor), so forms compare at equal skip rates
-    (*_grid(("linear", "trajectory", "reuse"), (0.03, 0.05, 0.1), ("inductor",)), ("auto", 0.05, "eager")),
-    ((0.03, 0.05, False), (0.03, 0.1, False), (0.03, 0.05, True)),
-    (2, 3), (0.07, 0.1), (0.05, 0.1), (0.07, 0.1), (2, 3), (2, 3), (0.02, 0.06),
-)  # fmt: skip
-QUICK = Plan(
-    "quick", 16, 16, 20, 8, 2,
-    (("auto", 0.1, "inductor"), ("auto", 0.1, "eager"), ("reuse", 0.1, "eager")),
-    ((0.05, 0.1, False), (0.05, 0.1, True)),
-    (2,), (0.1,), (0.1,), (0.1,), (2,), (2,), (0.06,),
-)  # fmt: skip
-
-
 class Bench:
-    """Runs one method over all samples and measures it."""
+    """Labels, seeds and the sampling call every method shares."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, guidance: float, cfg: str, seed: int) -> None:
-        self.model, self.plan, self.guidance, self.cfg = model, plan, guidance, cfg
+    def __init__(self, subject: subjects.Subject, plan: Plan, guidance: float, cfg: str, seed: int) -> None:
+        self.subject, self.plan, self.guidance, self.cfg = subject, plan, guidance, cfg
         self.labels = torch.arange(plan.samples) % 10
         self.seeds = [seed + i for i in range(plan.samples)]
-        self.scheduler = load_scheduler()
-        self.shares: dict[str, float] = {}
-        self.ref: torch.Tensor | None = None
 
     def gen(self, model: Any, labels: torch.Tensor, seeds: list[int], steps: int | None = None) -> torch.Tensor:
         steps = self.plan.steps if steps is None else steps
-        return sample(model, labels, seeds, steps, self.guidance, self.cfg, self.scheduler)  # type: ignore[arg-type]
+        return self.subject.generate(model, labels, seeds, steps, self.guidance, self.cfg)
 
     def batch(self, model: Any, lo: int, hi: int, steps: int | None = None) -> torch.Tensor:
         return self.gen(model, self.labels[lo:hi], self.seeds[lo:hi], steps)
 
-    def other_runs(self, generations: int, size: int) -> Callable[[Any], None]:
+    def other_runs(self, generations: int, size: int) -> Any:
         """``run(m)``: ``generations`` full-length generations of ``size`` samples with unused seeds."""
 
         def run(m: Any) -> None:
@@ -126,85 +78,37 @@ class Bench:
 
         return run
 
-    def run(self, runner: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
-        p = self.plan
-        row: dict[str, Any] = {"method": runner.method, "setting": runner.setting}
-        row["lowering"] = getattr(runner, "lowering", "eager")
-        row["key"] = f"{row['method']}|{row['setting']}|{row['lowering']}"
-        row["load_avg"] = round(os.getloadavg()[0], 2)
-        try:
-            with runner, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t0 = time.perf_counter()
-                self.batch(runner.model, 0, min(p.batch, p.samples), steps=WARMUP_STEPS)
-                warm = time.perf_counter() - t0
-                runner.clear_stats()
-                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                outs, times, cpu = [], [], []
-                with PeakRss() as mem:
-                    for lo in range(0, p.samples, p.batch):
-                        runner.reset()
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        outs.append(self.batch(runner.model, lo, min(lo + p.batch, p.samples)))
-                        times.append(time.perf_counter() - t0)
-                        cpu.append(time.process_time() - c0)
-                row["flops_skipped"] = runner.flops_skipped(self.shares["attention_fraction_of_block"])
-                if isinstance(runner, Compiled):
-                    # Dynamo graphs compiled after the warm-up: 0 unless something recompiles per step.
-                    row["recompiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-                    row["compiled_variants"] = runner.stats().get("compiled_variants")
-        except Exception as err:  # one broken method must not sink the sweep: record why
-            # Name the innermost frame of this repository (not of torch) so a report reader sees where it broke.
-            frames = traceback.extract_tb(err.__traceback__)
-            ours = [f for f in frames if _REPO in f.filename and ".venv" not in f.filename] or frames[-1:]
-            where = f" (at {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}{where}"
-            return row, None
-        images = torch.cat(outs)
-        row["latency_s"] = sum(times) / len(times)
-        # Process CPU time per batch: with one torch thread it is what the latency would be on an idle
-        # machine, and unlike wall time it does not grow when other jobs share the cores.
-        row["cpu_s"] = sum(cpu) / len(cpu)
-        row["batch_latencies_s"] = times
-        per_step = row["latency_s"] / p.steps
-        row["compile_s"] = max(0.0, warm - WARMUP_STEPS * per_step) if row["lowering"] == "inductor" else None
-        row["peak_mem_mb"] = mem.mb
-        row["notes"] = runner.notes
-        ideal = 1.0 / (1.0 - row["flops_skipped"] * self.shares["block_fraction"])
-        row["ideal_speedup"] = ideal
-        if self.ref is not None:
-            row.update(psnr=psnr(images, self.ref), ssim=ssim(images, self.ref), rel_l2=rel_l2(images, self.ref))
-        row["fid"] = fid_fmnist(images)
-        return row, images
-
 
 def _baselines(bench: Bench, meta: dict[str, Any]) -> list[Any]:
-    """Runners for every baseline setting (fits TeaCache's polynomial and MagCache's ratios first)."""
-    p, m = bench.plan, bench.model
-    runners: list[Any] = [bl.Fora(m, n) for n in p.fora]
-    runners += [bl.FirstBlockCache(m, t) for t in p.fbc]
+    """Runners for every peer and baseline setting (fits TeaCache's polynomial and MagCache's ratios first)."""
+    p, m = bench.plan, bench.subject.transformer
+    runners: list[Any] = [bl.Fora(copy.deepcopy(m), n) for n in p.fora]
+    runners += [bl.FirstBlockCache(copy.deepcopy(m), t) for t in p.fbc]
     if p.teacache:
         with torch.no_grad():
             fit = bl.fit_teacache(m, bench.other_runs(2, 8))
         meta["teacache_fit"] = fit
-        runners += [bl.TeaCache(m, t, fit["coefficients"], p.steps, fit["input_change_range"]) for t in p.teacache]
+        coeffs, span = fit["coefficients"], fit["input_change_range"]
+        runners += [bl.TeaCache(copy.deepcopy(m), t, coeffs, p.steps, span) for t in p.teacache]
     runners += [dhk.first_block_cache(m, t) for t in p.diffusers_fbc]
     runners += [dhk.PyramidBroadcast(m, r) for r in p.pab]
-    runners += [dhk.taylorseer(m, i) for i in p.taylorseer]
+    runners += [dhk.taylorseer(m, interval, order) for interval, order in p.taylorseer]
     if p.magcache:
         ratios = dhk.calibrate_magcache(m, bench.other_runs(1, 8), p.steps)
         meta["magcache_ratios"] = ratios
         runners += [dhk.magcache(m, t, ratios, p.steps) for t in p.magcache]
+    runners += [CacheDit(m, fn, bn, rdt, p.steps, order) for fn, bn, rdt, order in p.cachedit]
     return runners
 
 
 def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: float) -> list[Any]:
     """fastcache rows; fits (or reuses) the calibration first and records it in ``meta``."""
-    p, m = bench.plan, bench.model
-    probe_x = torch.randn(2, 1, 32, 32)
+    p, subject = bench.plan, bench.subject
+    m = subject.transformer
+    inputs = subject.inputs(2)
 
     def probe(c: Any) -> Any:
-        return c(hidden_states=probe_x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([0, 10]))
+        return c(**inputs)
 
     meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(p.calibration_generations, 4), probe)
     form = resolve_form("auto", load_calibration(calib))
@@ -212,148 +116,103 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
     for approximation, tau, low in p.fastcache:
         opts = fastcache_options(tau, approximation, low, p.steps, calib, alpha)
         method = "fastcache" if approximation == "auto" else f"fastcache-{approximation}"
-        runners.append(Compiled(m, method, f"τ={tau:g}", low, opts))
+        runners.append(Compiled(copy.deepcopy(m), method, f"τ={tau:g}", low, opts))
         runners[-1].notes = f"approximation auto → {form}" if approximation == "auto" else ""
     for tau, theta, merge in p.tokens:
-        # Token selection (and merging) on top of the block cache, fitted forms incl. W_s (see
-        # benchmarks/token_select.py for the sweep at 256 tokens).
         opts = fastcache_options(tau, "auto", "inductor", p.steps, calib, alpha)
         opts.update(token_select=True, token_threshold=theta, token_merge=merge, merge_ratio=0.5)
         method = "fastcache+tokens+merge" if merge else "fastcache+tokens"
         setting = f"τ={tau:g} θ={theta:g}" + (" r=0.5" if merge else "")
-        runners.append(Compiled(m, method, setting, "inductor", opts))
+        runners.append(Compiled(copy.deepcopy(m), method, setting, "inductor", opts))
     return runners
 
 
-def _display_path(path: Path) -> str:
-    """Repository-relative where possible, so results carry no machine-specific paths."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return Path(path).name
+def _row(runner: Any) -> dict[str, Any]:
+    row = {"method": runner.method, "setting": runner.setting, "lowering": getattr(runner, "lowering", "eager")}
+    row["key"] = f"{row['method']}|{row['setting']}|{row['lowering']}"
+    return row
 
 
-def _env(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-    }
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few samples/settings, 20 steps: a ~3 minute smoke run")
-    ap.add_argument(
-        "--out", type=Path, help="results folder (default benchmarks/results, or benchmarks/results/quick with --quick)"
-    )
-    ap.add_argument("--samples", type=int, help="override the mode's sample count (same for every method)")
-    ap.add_argument("--batch", type=int, help="override the mode's batch size")
-    ap.add_argument("--steps", type=int, help="override the mode's DDIM step count")
-    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    ap.add_argument("--cfg", choices=("batch", "split"), default="batch")
-    ap.add_argument("--alpha", type=float, default=0.05, help="fastcache significance level")
-    ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    # One thread by default: the reference machine has 2 cores shared with other jobs, where two
-    # threads oversubscribe and made a forward 3-8x slower here rather than faster.
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", type=Path, default=DEFAULT_PATH)
-    return ap.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    plan = QUICK if args.quick else DEFAULT
-    if args.out is None:  # a quick run never overwrites the committed full results
-        args.out = Path("benchmarks/results/quick" if args.quick else "benchmarks/results")
-    over = {k: getattr(args, k) for k in ("samples", "batch", "steps") if getattr(args, k) is not None}
-    plan = dataclasses.replace(plan, **over)
-    start = time.perf_counter()
-    model = load_reference(args.model)
-    bench = Bench(model, plan, args.guidance, args.cfg, args.seed)
-    b = 2 * min(plan.batch, plan.samples)
-    x, t, y = torch.randn(b, 1, 32, 32), torch.full((b,), 500), torch.arange(b) % 11
-    bench.shares = compute_shares(model, lambda: model(hidden_states=x, timestep=t, class_labels=y, return_dict=False))
-    log = Path(args.model) / "training_log.json"
-    meta: dict[str, Any] = {
-        **_env(args.threads),
-        "mode": plan.mode + ("" if plan.steps == DEFAULT_STEPS else f" ({plan.steps} steps, not {DEFAULT_STEPS})"),
-        "plan": dataclasses.asdict(plan),
-        "samples": plan.samples,
-        "steps": plan.steps,
-        "batch": plan.batch,
-        "guidance": args.guidance,
-        "cfg": args.cfg,
-        "seeds": [args.seed, args.seed + plan.samples - 1],
-        "warmup_steps": WARMUP_STEPS,
-        "checkpoint": _display_path(args.model),
-        "checkpoint_training_steps": json.loads(log.read_text()).get("steps") if log.exists() else None,
-        "compute_shares": bench.shares,
-        "peak_mem_method": "peak RSS growth during the timed generations (VmHWM reset via /proc/self/clear_refs)",
-        "load_avg_start": os.getloadavg(),
-        "cfg_streams": CFG_STREAMS,
-    }
-    # The shipped file is for the shipped model at the default step count; anything else calibrates into --out.
-    shipped = plan.steps == DEFAULT_STEPS and args.model.resolve() == DEFAULT_PATH.resolve()
-    calib = SHIPPED_CALIBRATION if shipped else None
-    calib = calib or args.out / f"fastcache_calibration_{plan.steps}steps.safetensors"
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    print("preparing: fastcache calibration, TeaCache polynomial, MagCache ratios ...", flush=True)
-    phases: dict[str, float] = {"load_and_shares": time.perf_counter() - start}
-    reference = bl.Baseline(model)
-    runners: list[Any] = [reference, Compiled(model, "none", "-", "inductor")]
-    tick = time.perf_counter()
-    runners += _fastcache_runners(bench, meta, calib, args.alpha)
-    phases["fastcache_calibration"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    runners += _baselines(bench, meta)
-    phases["teacache_magcache_fits"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-
-    rows: list[dict[str, Any]] = []
+def sweep(bench: Bench, runners: list[Any], shares: dict[str, float]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Warm every runner up, then time them interleaved batch by batch; returns rows and images."""
+    p = bench.plan
+    rows = [_row(r) for r in runners]
+    live: list[int] = []
+    for k, runner in enumerate(runners):
+        try:
+            runner.__enter__()
+            live.append(k)
+            t0 = time.perf_counter()
+            bench.batch(runner.model, 0, min(p.batch, p.samples), steps=WARMUP_STEPS)
+            rows[k]["warmup_s"] = time.perf_counter() - t0
+            runner.clear_stats()
+        except Exception as err:  # one broken method must not sink the sweep: record why
+            rows[k]["error"] = describe_error(err)
+        print(f"  ready {rows[k]['key']}: {rows[k].get('error') or 'ok'}", flush=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    outs: dict[int, list[torch.Tensor]] = {k: [] for k in live}
+    wall: dict[int, list[float]] = {k: [] for k in live}
+    cpu: dict[int, list[float]] = {k: [] for k in live}
+    mem: dict[int, list[float]] = {k: [] for k in live}
+    starts = list(range(0, p.samples, p.batch))
+    for b, lo in enumerate(starts):
+        active = [k for k in live if "error" not in rows[k]]
+        shift = b % max(len(active), 1)  # rotate: no method always runs first (or right after another)
+        for k in active[shift:] + active[:shift]:
+            try:
+                runners[k].reset()
+                with PeakRss() as peak:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    outs[k].append(bench.batch(runners[k].model, lo, min(lo + p.batch, p.samples)))
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+                mem[k].append(peak.mb if peak.mb is not None else math.nan)
+            except Exception as err:
+                rows[k]["error"] = describe_error(err)
+        print(f"  batch {b + 1}/{len(starts)} done", flush=True)
+    recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     images: dict[str, torch.Tensor] = {}
-    shadows: dict[tuple, tuple[float | None, int]] = {}
+    for k in live:
+        runner, row = runners[k], rows[k]
+        if "error" not in row:
+            row["flops_skipped"] = runner.flops_skipped(shares["attention_fraction_of_block"])
+            if isinstance(runner, Compiled):
+                row["recompiles_during_timing_all_rows"] = recompiles
+                row["compiled_variants"] = runner.stats().get("compiled_variants")
+            images[row["key"]] = torch.cat(outs[k])
+            row["latency_s"] = sum(wall[k]) / len(wall[k])
+            # Process CPU time per batch: with one torch thread it is what the latency would be on an
+            # idle machine, and unlike wall time it does not grow when other jobs share the cores.
+            row["cpu_s"] = sum(cpu[k]) / len(cpu[k])
+            row["batch_latencies_s"] = wall[k]
+            row["batch_cpu_s"] = cpu[k]
+            row["peak_mem_mb"] = max(mem[k])
+            per_step = row["latency_s"] / p.steps
+            inductor = row["lowering"] == "inductor"
+            row["compile_s"] = max(0.0, row["warmup_s"] - WARMUP_STEPS * per_step) if inductor else None
+            row["notes"] = runner.notes
+            row["ideal_speedup"] = 1.0 / (1.0 - row["flops_skipped"] * shares["block_fraction"])
+        try:
+            runner.__exit__(None, None, None)
+        except Exception as err:
+            row.setdefault("error", describe_error(err))
+    return rows, images
 
-    def shadow_run(m: Any) -> None:
-        bench.batch(m, 0, plan.shadow_samples)
 
-    for runner in tqdm(runners, desc="methods", unit="row"):
-        row, img = bench.run(runner)
-        if runner is reference:
-            if img is None:
-                raise RuntimeError(f"the uncached reference run failed: {row.get('error')}")
-            bench.ref = img
+def _quality(rows: list[dict], images: dict[str, torch.Tensor], ref_key: str) -> None:
+    ref = images[ref_key]
+    for row in rows:
+        img = images.get(row["key"])
+        if img is None:
+            continue
+        if row["key"] == ref_key:
             row.update(psnr=None, ssim=1.0, rel_l2=0.0)
-        if isinstance(runner, Compiled) and runner.is_fastcache and not runner.options.get("token_select"):
-            # (the shadow check covers block skips; token rows have no per-block bound to check)
-            key = (runner.options["threshold"], runner.options["approximation"])
-            if key not in shadows:
-                try:
-                    shadows[key] = bound_violations(model, runner.options, shadow_run)
-                except Exception as err:  # the shadow run is a measurement; its failure is reported
-                    shadows[key] = (None, 0)
-                    row["notes"] = f"{row.get('notes', '')} shadow run failed: {type(err).__name__}: {err}"[:300]
-            row["bound_violations"], row["shadow_skips"] = shadows[key]
-            row["alpha"] = args.alpha
-        rows.append(row)
-        if img is not None:
-            images[row["key"]] = img[:10]
-        tqdm.write(f"  {row['key']}: " + (row.get("error") or f"{row['latency_s']:.2f} s/batch"))
+        else:
+            row.update(psnr=psnr(img, ref), ssim=ssim(img, ref), rel_l2=rel_l2(img, ref))
+        row["fid"], row["fid_lo"], row["fid_hi"] = fid_with_interval(img)
 
-    phases["rows_incl_shadow_runs"] = time.perf_counter() - tick
+
+def _speedups(rows: list[dict]) -> None:
     base = {r["lowering"]: r for r in rows if r["method"] == "none" and "latency_s" in r}
     for r in rows:
         if "latency_s" in r and r["lowering"] in base:
@@ -361,16 +220,145 @@ def main(argv: list[str] | None = None) -> None:
             r["speedup_cpu"] = base[r["lowering"]]["cpu_s"] / r["cpu_s"]
             # Compute efficiency of the skipping: saved CPU time against the FLOP-based ideal.
             r["speedup_vs_ideal"] = r["speedup_cpu"] / r["ideal_speedup"]
-    print("probing diffusers cache configs ...", flush=True)
+
+
+def _shadows(bench: Bench, runners: list[Any], rows: list[dict], alpha: float) -> None:
+    """Bound violations of the fastcache rows (eager shadow runs; after timing: they reset Dynamo)."""
+    done: dict[tuple, tuple[float | None, int]] = {}
+    shadow = bench.plan.shadow_samples
+
+    def run(m: Any) -> None:
+        bench.batch(m, 0, shadow)
+
+    for runner, row in zip(runners, rows):
+        if not (isinstance(runner, Compiled) and runner.is_fastcache) or runner.options.get("token_select"):
+            continue  # token rows have no per-block bound to check
+        key = (runner.options["threshold"], runner.options["approximation"])
+        if key not in done:
+            try:
+                done[key] = bound_violations(runner.base, runner.options, run)
+            except Exception as err:  # the shadow run is a measurement; its failure is reported
+                done[key] = (None, 0)
+                row["notes"] = f"{row.get('notes', '')} shadow run failed: {describe_error(err)}"[:300]
+        row["bound_violations"], row["shadow_skips"] = done[key]
+        row["alpha"] = alpha
+
+
+def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The whole sweep for one model; writes its report into ``out`` and returns the metadata."""
+    start = time.perf_counter()
+    subject = subjects.load(name, args.checkpoint if name == "new" else None)
+    plan = PLANS[(name, "quick" if args.quick else "default")]
+    over = {k: getattr(args, k) for k in ("samples", "batch", "steps") if getattr(args, k) is not None}
+    plan = dataclasses.replace(plan, **over)
+    if plan.steps is None or plan.steps < 3:
+        raise ValueError(f"--steps must be >= 3, got {plan.steps}")
+    guidance = subject.guidance if args.guidance is None else args.guidance
+    bench = Bench(subject, plan, guidance, args.cfg, args.seed)
+    model = subject.transformer
+    inputs = subject.inputs(2 * min(plan.batch, plan.samples))
+    shares = compute_shares(model, lambda: model(**inputs, return_dict=False))
+    log = subject.path / "training_log.json"
+    meta: dict[str, Any] = {
+        **environment(args.threads),
+        "model": name,
+        "model_title": subject.title,
+        "regime": subject.regime,
+        "mode": plan.mode + ("" if plan.steps == subject.steps else f" ({plan.steps} steps, not {subject.steps})"),
+        "plan": dataclasses.asdict(plan),
+        "samples": plan.samples,
+        "steps": plan.steps,
+        "batch": plan.batch,
+        "guidance": guidance,
+        "cfg": args.cfg,
+        "seeds": [args.seed, args.seed + plan.samples - 1],
+        "warmup_steps": WARMUP_STEPS,
+        "checkpoint": subject.path.name,
+        "checkpoint_training_steps": json.loads(log.read_text()).get("steps") if log.exists() else None,
+        "compute_shares": shares,
+        "timing": "interleaved: per batch, all methods in rotating order; CPU = time.process_time per batch",
+        "peak_mem_method": "max over batches of the peak RSS growth during a batch (VmHWM reset via clear_refs)",
+        "load_avg_start": os.getloadavg(),
+        "cfg_streams": CFG_STREAMS,
+        "torchinductor_cache_dir_set": bool(os.environ.get("TORCHINDUCTOR_CACHE_DIR")),
+    }
+    # A shipped calibration is for the shipped model at its default steps; anything else calibrates into out.
+    shipped = plan.steps == subject.steps and subject.calibration.exists()
+    calib = subject.calibration if shipped else out / f"fastcache_calibration_{name}_{plan.steps}steps.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {"load_and_shares": time.perf_counter() - start}
+    print(f"[{name}] preparing: fastcache calibration and the baselines' fits ...", flush=True)
     tick = time.perf_counter()
-    meta["diffusers_probe"] = dhk.probe(model, lambda m: bench.batch(m, 0, 4, steps=10), steps=10)
-    phases["diffusers_probe"] = time.perf_counter() - tick
+    runners: list[Any] = [bl.Baseline(model)]
+    if plan.inductor_baseline:
+        runners.append(Compiled(copy.deepcopy(model), "none", "-", "inductor"))
+    runners += _fastcache_runners(bench, meta, calib, args.alpha)
+    runners += _baselines(bench, meta)
+    phases["fits"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows, images = sweep(bench, runners, shares)
+    phases["warmup_and_timed"] = time.perf_counter() - tick
+    if "error" in rows[0]:
+        raise RuntimeError(f"the uncached reference run failed: {rows[0]['error']}")
+    tick = time.perf_counter()
+    _quality(rows, images, rows[0]["key"])
+    meta["fid_real"] = real_fid(plan.samples)
+    phases["quality_and_fid"] = time.perf_counter() - tick
+    _speedups(rows)
+    tick = time.perf_counter()
+    _shadows(bench, runners, rows, args.alpha)
+    phases["shadow_runs"] = time.perf_counter() - tick
+    if plan.probe:
+        tick = time.perf_counter()
+        meta["diffusers_probe"] = dhk.probe(model, lambda m: bench.batch(m, 0, 4, steps=10), steps=10)
+        phases["diffusers_probe"] = time.perf_counter() - tick
     meta["phase_s"] = phases
     meta["load_avg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - start
-    report.write(args.out, rows, meta, images)
-    print((args.out / "compare.md").read_text())
-    print(f"wrote {args.out}/compare.json, compare.md, pareto_psnr.png, pareto_fid.png, samples_grid.png")
+    report.write(out, rows, meta, {k: v[:10] for k, v in images.items()})
+    print((out / "compare.md").read_text())
+    return meta
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="README demo: new MMDiT, 32 samples, eager rows only")
+    ap.add_argument("--model", choices=("new", "old", "both"), help="default: new with --quick, else both")
+    ap.add_argument("--checkpoint", type=Path, help="folder of the new reference model (default: the shipped one)")
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results[/quick]; old model: old-dit/)")
+    ap.add_argument("--samples", type=int, help="override the plan's sample count (FID's N; same for every method)")
+    ap.add_argument("--batch", type=int, help="override the plan's batch size")
+    ap.add_argument("--steps", type=int, help="override the plan's sampling steps")
+    ap.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
+    ap.add_argument("--cfg", choices=("batch", "split"), default="batch")
+    ap.add_argument("--alpha", type=float, default=0.05, help="fastcache significance level")
+    ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    # One thread by default: the reference machine has 2 cores shared with other jobs, where two
+    # threads oversubscribe and made a forward 3-8x slower here rather than faster.
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    for name in ("samples", "batch"):
+        value = getattr(args, name)
+        if value is not None and value < 2:
+            raise SystemExit(f"--{name} must be >= 2 (FID needs two samples), got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # Every compiled row keeps its own compiled model alive through the interleaved timing.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    names = [args.model or ("new" if args.quick else "both")]
+    names = ["new", "old"] if names == ["both"] else names
+    out = args.out or Path("benchmarks/results/quick" if args.quick else "benchmarks/results")
+    start = time.perf_counter()
+    for name in names:
+        run_model(name, args, out if name == "new" else out / "old-dit")
+    print(f"total wall time {time.perf_counter() - start:.0f} s; wrote compare.json, compare.md, *.png in {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""diffusers' own cache hooks on the reference DiT, as benchmark baselines (``Baseline`` interface).
+"""diffusers' own cache hooks on the reference models, as benchmark baselines (``Baseline`` interface).
 
-``DiTTransformer2DModel`` in diffusers 0.42.1 is ``(ModelMixin, ConfigMixin)`` without ``CacheMixin``, so
+``DiTTransformer2DModel`` and ``SD3Transformer2DModel`` in diffusers 0.42.1 lack ``CacheMixin``, so
 ``model.enable_cache(config)`` raises ``AttributeError``. ``CacheMixin`` needs nothing from the model
 class (it only walks modules and registers hooks), so ``with_cache_mixin`` gives a *copy* of the model
 whose class mixes it in; the hooks, their state and ``cache_context`` are then diffusers' own code. Each
@@ -11,7 +11,7 @@ around the two calls of a step, as diffusers pipelines do. FirstBlockCache, MagC
 their state in a ``StateManager`` per context name, so they are per stream as shipped. Pyramid
 Attention Broadcast keeps one state per attention module whatever the context, so a split uncond call
 would reuse the cond call's attention; ``PyramidBroadcast`` swaps a state object per stream (keyed by
-the class labels) into every PAB hook before each model call.
+the conditioning inputs of the model call) into every PAB hook before each model call.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from diffusers.hooks.pyramid_attention_broadcast import (
 )
 from diffusers.models.cache_utils import CacheMixin
 
-from benchmarks.baselines import Baseline, stream_key
+from benchmarks.baselines import Baseline, block_family, call_key
 from benchmarks.metrics import psnr
 
 
@@ -113,8 +113,7 @@ class PyramidBroadcast(DiffusersCache):
 
     def _on_call(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         super()._on_call(module, args, kwargs)
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        key = stream_key(x, kwargs.get("class_labels"))
+        key = call_key(args, kwargs)
         if key not in self.states:
             self.states[key] = [PyramidAttentionBroadcastState() for _ in self._pab_hooks]
         for hook, state in zip(self._pab_hooks, self.states[key]):
@@ -127,18 +126,28 @@ def first_block_cache(model: torch.nn.Module, threshold: float) -> DiffusersCach
     )
 
 
-def taylorseer(model: torch.nn.Module, interval: int, identifiers: list[str] | None = None) -> DiffusersCache:
-    """TaylorSeer (order 1). Its default identifiers (``^transformer_blocks.*attn``, matched with
-    ``re.fullmatch``) match no DiT module, because DiT names self-attention ``attn1``; by default this
-    caches whole blocks (``transformer_blocks.<i>``) instead."""
-    ids = [r"transformer_blocks\.\d+"] if identifiers is None else identifiers
+def taylorseer(
+    model: torch.nn.Module, interval: int, order: int = 1, identifiers: list[str] | None = None
+) -> DiffusersCache:
+    """TaylorSeer with Taylor order ``order`` (diffusers' ``max_order``), refreshing every ``interval`` steps.
+
+    ``identifiers`` default to diffusers' own (``^transformer_blocks.*attn``, ``re.fullmatch``): on the
+    MMDiT that matches each block's joint attention (``transformer_blocks.<i>.attn``), so attention is
+    forecast and the feed-forwards run. DiT names self-attention ``attn1``, which the default misses;
+    there whole blocks (``transformer_blocks\\.\\d+``) are cached instead.
+    """
+    if order < 1:
+        raise ValueError(f"TaylorSeer order must be >= 1, got {order}")
+    if identifiers is None and block_family(model).attention == "attn1":
+        identifiers = [r"transformer_blocks\.\d+"]
+    granularity = "attention" if identifiers is None else "block"
 
     def make(_: DiffusersCache) -> Any:
         return dh.TaylorSeerCacheConfig(
-            cache_interval=interval, taylor_factors_dtype=torch.float32, cache_identifiers=ids or None
+            cache_interval=interval, max_order=order, taylor_factors_dtype=torch.float32, cache_identifiers=identifiers
         )
 
-    return DiffusersCache(model, "diffusers-taylorseer", f"interval={interval}", make)
+    return DiffusersCache(model, f"diffusers-taylorseer-o{order}", f"interval={interval}", make, granularity)
 
 
 _MAG_RE = re.compile(r"MagCacheConfig\(mag_ratios=\.\.\.\):\s*\n(\[[^\]]*\])")

@@ -109,23 +109,28 @@ def _timed_hooks(start: torch.nn.Module, stop: torch.nn.Module, into: list[float
 @torch.no_grad()
 def compute_shares(model: torch.nn.Module, call: Callable[[], object], repeats: int = 3) -> dict[str, float]:
     """Measured wall-time shares of one eager forward: the block stack in the whole model, and
-    self-attention (``attn1``) inside a block. ``call()`` runs one representative forward.
+    self-attention (``attn1`` in DiT, the joint ``attn`` in the MMDiT) inside a block. ``call()`` runs one
+    representative forward.
 
     ``ideal_speedup = 1 / (1 − flops_skipped · block_fraction)`` uses ``block_fraction``: what skipping
     blocks can save at most when everything outside the stack (patch embedding, final layer, scheduler,
     CFG arithmetic) still runs.
     """
+    from benchmarks.baselines import block_family
+
     blocks = model.transformer_blocks
+    attention = getattr(blocks[0], block_family(model).attention)
     call()  # warm-up: first-call allocations would inflate the first timing
     whole: list[float] = []
     stack: list[float] = []
     attn: list[float] = []
     blk: list[float] = []
     with _timed_hooks(model, model, whole), _timed_hooks(blocks[0], blocks[-1], stack):
-        with _timed_hooks(blocks[0].attn1, blocks[0].attn1, attn), _timed_hooks(blocks[0], blocks[0], blk):
+        with _timed_hooks(attention, attention, attn), _timed_hooks(blocks[0], blocks[0], blk):
             for _ in range(repeats):
                 call()
-    # FLOP estimate per token for comparison: attention 4D² + 2ND (projections, scores), MLP 8D² (4x).
+    # FLOP estimate per token for comparison: attention 4D² + 2ND (projections, scores), MLP 8D² (4x);
+    # N counts the image tokens only.
     d = int(blocks[0].norm1.linear.in_features)
     n = int(model.config.sample_size // model.config.patch_size) ** 2
     attn_flops, mlp_flops = 4 * d * d + 2 * n * d, 8 * d * d

@@ -18,8 +18,9 @@ COLUMNS = [
     ("setting", "setting", "{}"),
     ("lowering", "lowering", "{}"),
     ("speedup", "speedup", "{:.2f}x"),
-    ("latency_s", "latency s/batch", "{:.2f}"),
+    ("latency_s", "wall s/batch", "{:.2f}"),
     ("speedup_cpu", "speedup (CPU time)", "{:.2f}x"),
+    ("cpu_s", "CPU s/batch", "{:.2f}"),
     ("compile_s", "compile s", "{:.1f}"),
     ("flops_skipped", "skipped", "{:.1%}"),
     ("ideal_speedup", "ideal", "{:.2f}x"),
@@ -28,6 +29,7 @@ COLUMNS = [
     ("ssim", "SSIM", "{:.4f}"),
     ("rel_l2", "rel L2", "{:.4f}"),
     ("fid", "FID-FMNIST", "{:.2f}"),
+    ("fid_ci", "FID 90% CI", "{}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("bound_violations", "bound viol.", "{:.1%}"),
     ("alpha", "α", "{}"),
@@ -50,12 +52,23 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    title = meta.get("model_title", "the reference DiT (Fashion-MNIST)")
+    regime = meta.get("regime", "ε-prediction, DDIM, CFG")
+    real = meta.get("fid_real")
+    real_line = (
+        f" Real data at the same N (FID-FMNIST of {real['n']} real training images, 3 random sets): "
+        f"{real['mean']:.2f} (range {real['min']:.2f}–{real['max']:.2f}), the floor a perfect sampler reaches."
+        if real
+        else ""
+    )
     lines = [
-        "# FastCache vs. cache baselines on the reference DiT (Fashion-MNIST)",
+        f"# FastCache vs. peers and cache baselines on the {title}",
         "",
-        f"{meta['samples']} samples, {meta['steps']} DDIM steps, guidance {meta['guidance']}, cfg={meta['cfg']}, "
-        f"batch {meta['batch']}, {meta['threads']} torch thread(s), {meta['cpu']}; mode: {meta['mode']}.",
+        f"{meta['samples']} samples, {meta['steps']} steps ({regime} {meta['guidance']}), cfg={meta['cfg']}, "
+        f"batch {meta['batch']}, {meta['threads']} torch thread(s), {meta['cpu']}; mode: {meta['mode']}; "
+        f"checkpoint training steps: {meta.get('checkpoint_training_steps')}.",
         "",
+        "Timing is interleaved: after every method's warm-up, each batch runs all methods in rotating order. "
         "speedup: wall-clock latency vs. uncached with the same lowering, same process; speedup (CPU time): "
         "the same from process CPU time, which other jobs on a shared machine do not inflate. skipped: "
         "fraction of block-stack compute skipped (block executions; attention-only caches weighted by "
@@ -64,7 +77,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "of a forward; CPU vs ideal = speedup (CPU time) / ideal: how much skipped compute became saved "
         "compute. PSNR/SSIM/rel L2 vs. uncached eager samples of the same seeds (PSNR capped at 100 dB); "
         f"FID-FMNIST over all {meta['samples']} samples (FeatureNet features, not Inception; biased upwards at "
-        "small N: only comparable within this table). "
+        "small N: only comparable within this table), with a 90% bootstrap interval over the samples." + real_line + " "
         "peak MB: peak RSS growth while sampling. bound viol.: share of skipped blocks whose true relative "
         "output error exceeded τ (eager shadow run on the first seeds).",
         "",
@@ -72,6 +85,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|" + "---|" * (len(COLUMNS) + 1),
     ]
     for row in rows:
+        if row.get("fid_lo") is not None:
+            row = {**row, "fid_ci": f"{row['fid_lo']:.2f}–{row['fid_hi']:.2f}"}
         cells = [_cell(row.get(k), f) for k, _, f in COLUMNS]
         note = row.get("error") or row.get("notes") or ""
         lines.append("| " + " | ".join(cells) + f" | {note} |")
@@ -79,7 +94,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if probe:
         lines += [
             "",
-            "## diffusers cache hooks on DiTTransformer2DModel",
+            "## diffusers cache hooks on the model (compatibility probe)",
             "",
             "| config | status | detail |",
             "|---|---|---|",
@@ -93,8 +108,19 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pareto(rows: list[dict[str, Any]], metric: str, label: str, path: Path, x_key: str, higher_better: bool) -> None:
+def _pareto(
+    rows: list[dict[str, Any]],
+    metric: str,
+    label: str,
+    path: Path,
+    x_key: str,
+    higher_better: bool,
+    real: float | None = None,
+) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    if real is not None:  # real data at the same N: the floor of FID at this sample count
+        ax.axhline(real, color="green", linestyle=":", linewidth=1)
+        ax.annotate("real data, same N", (0.01, real), xycoords=("axes fraction", "data"), fontsize=7)
     cached = [r for r in rows if r["method"] != "none"]  # uncached rows: reference lines, not points
     if metric == "fid":  # uncached FID as reference line(s); eager and Inductor usually coincide
         levels: dict[float, list[str]] = {}
@@ -151,5 +177,6 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], images: d
     # Single-threaded on a shared machine, CPU time is the steadier speed measure (see compare.md).
     x_key = "speedup_cpu" if meta["threads"] == 1 else "speedup"
     _pareto(ok, "psnr", "PSNR vs. uncached (dB)", out / "pareto_psnr.png", x_key, higher_better=True)
-    _pareto(ok, "fid", "FID-FMNIST", out / "pareto_fid.png", x_key, higher_better=False)
+    real = (meta.get("fid_real") or {}).get("mean")
+    _pareto(ok, "fid", "FID-FMNIST", out / "pareto_fid.png", x_key, higher_better=False, real=real)
     _grid(ok, images, out / "samples_grid.png", columns=min(10, meta["samples"]))

@@ -12,6 +12,7 @@ noise check still demands more than two orders of magnitude of separation.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from benchmarks.reference.features import (
 )
 from benchmarks.reference.fid import (
     fid_fmnist,
+    fid_with_interval,
     frechet_distance,
+    real_fid,
     reference_stats,
     stats,
 )
@@ -135,3 +138,36 @@ def test_frechet_singular_covariance_is_finite() -> None:
     sigma1[:, 0] = sigma1[0, :] = 0.0
     d = frechet_distance(mu1, sigma1, mu2, sigma2)
     assert np.isfinite(d) and d > 0.0
+
+
+def test_fid_rises_monotonically_with_gaussian_noise(
+    net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # The ranking property the comparison relies on: worse images, higher FID. Real test images plus
+    # N(0, σ²) pixel noise (images in [-1, 1], clamped back), σ = 0, 0.1, 0.2, 0.4, one noise draw each.
+    images = test_subset[0]
+    gen = torch.Generator().manual_seed(0)
+    fids = []
+    for sigma in (0.0, 0.1, 0.2, 0.4):
+        noisy = (images + sigma * torch.randn(images.shape, generator=gen)).clamp(-1.0, 1.0)
+        fids.append(fid_fmnist(noisy, net=net))
+    print("FID-FMNIST at σ = 0, 0.1, 0.2, 0.4:", [round(f, 3) for f in fids])
+    assert all(a < b for a, b in itertools.pairwise(fids)), fids
+    assert fids[-1] > 10 * fids[0]  # a clear separation, not noise in the estimate
+
+
+def test_fid_interval_brackets_resamples_and_real_floor(
+    net: FeatureNet, test_subset: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    images = test_subset[0][:500]
+    point, lo, hi = fid_with_interval(images, reps=20, net=net)
+    assert point == pytest.approx(fid_fmnist(images, net=net), rel=1e-9)
+    assert 0.0 <= lo < hi
+    noisy_point, noisy_lo, _ = fid_with_interval(
+        (images + 0.4 * torch.randn(images.shape)).clamp(-1, 1), reps=20, net=net
+    )
+    assert noisy_lo > hi  # intervals separate a clearly worse set
+    with pytest.raises(ValueError, match="level"):
+        fid_with_interval(images, level=1.5, net=net)
+    floor = real_fid(500, subsets=2)
+    assert floor["min"] <= floor["mean"] <= floor["max"] < noisy_point

@@ -107,3 +107,42 @@ def fid_fmnist(
         mu_ref, sigma_ref = ref
     mu, sigma = stats(features(net, images.detach().cpu()))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+def fid_with_interval(
+    images: torch.Tensor, reps: int = 50, level: float = 0.9, seed: int = 0, net: FeatureNet | None = None
+) -> tuple[float, float, float]:
+    """FID-FMNIST of ``images`` and a bootstrap ``level`` interval (resampling the images, features once).
+
+    The interval is the percentile interval of the FID of ``reps`` resamples with replacement; a
+    resample repeats images, which lowers its covariance rank, so the interval sits somewhat above the
+    point value at small N. Two rows rank reliably when their intervals do not overlap.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    net = _default_net() if net is None else net
+    mu_ref, sigma_ref = reference_stats()
+    feats = features(net, images.detach().cpu())
+    point = frechet_distance(*stats(feats), mu_ref, sigma_ref)
+    rng = np.random.default_rng(seed)
+    boot = [
+        frechet_distance(*stats(feats[rng.integers(0, len(feats), len(feats))]), mu_ref, sigma_ref) for _ in range(reps)
+    ]
+    lo, hi = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
+    return point, float(lo), float(hi)
+
+
+@functools.lru_cache(maxsize=8)
+def real_fid(n: int, subsets: int = 3, seed: int = 0) -> dict[str, float]:
+    """FID-FMNIST of ``subsets`` random sets of ``n`` real *training* images against the test statistics:
+    the floor a perfect generator reaches at the same N (FID is biased upwards at small N)."""
+    from benchmarks.reference import data
+
+    images, _ = data.load("train")
+    if not 2 <= n <= len(images):
+        raise ValueError(f"n must be in [2, {len(images)}], got {n}")
+    values = []
+    for k in range(subsets):
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + k))[:n]
+        values.append(fid_fmnist(images[idx]))
+    return {"n": n, "mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}

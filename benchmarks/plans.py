@@ -1,0 +1,80 @@
+"""What ``benchmarks.compare`` sweeps, per model and mode (settings only; no code runs here).
+
+Settings span light to aggressive caching. Costs (1 torch thread, idle core): the new MMDiT takes
+~0.45 s of CPU per sample at 20 steps with batched CFG, so one row of 500 samples is ~4 min; the old DiT
+~16 s of CPU per sample at 50 steps for all rows together (80 samples, ~30 min in all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One sweep. Tuples hold one entry per row."""
+
+    mode: str
+    samples: int
+    batch: int
+    steps: int
+    shadow_samples: int  # samples of the eager shadow run that measures bound violations
+    calibration_generations: int  # generations of 4 samples for fastcache_compile.calibrate
+    fastcache: tuple[tuple[str, float, str], ...]  # (approximation, τ, lowering)
+    tokens: tuple[tuple[float, float, bool], ...]  # (τ, token_threshold, merge) per fastcache+tokens row
+    fora: tuple[int, ...] = ()
+    fbc: tuple[float, ...] = ()
+    teacache: tuple[float, ...] = ()
+    diffusers_fbc: tuple[float, ...] = ()
+    pab: tuple[int, ...] = ()
+    taylorseer: tuple[tuple[int, int], ...] = ()  # (interval, order)
+    magcache: tuple[float, ...] = ()
+    cachedit: tuple[tuple[int, int, float, int], ...] = ()  # (Fn, Bn, residual diff threshold, TaylorSeer order)
+    inductor_baseline: bool = True  # an uncached Inductor row (the denominator of Inductor rows' speedups)
+    probe: bool = True  # the diffusers cache-config compatibility probe
+
+
+def _grid(forms: tuple[str, ...], taus: tuple[float, ...], lowerings: tuple[str, ...]) -> tuple:
+    return tuple((f, t, low) for f in forms for t in taus for low in lowerings)
+
+
+# fastcache approximation "auto" = the form the calibration recommends; "reuse" = y ≈ x + r̂.
+NEW_DEFAULT = Plan(
+    "default", 500, 50, 20, 16, 4,
+    (*_grid(("auto",), (0.03, 0.05, 0.1, 0.2), ("inductor",)), ("reuse", 0.05, "inductor"), ("auto", 0.05, "eager")),
+    (),
+    fora=(2, 3), fbc=(0.1, 0.2), teacache=(0.1, 0.3), diffusers_fbc=(0.1,), pab=(2,),
+    taylorseer=((2, 1), (3, 1), (2, 2), (3, 2)), magcache=(0.06,),
+    cachedit=(
+        (1, 0, 0.08, 0), (1, 0, 0.16, 0), (4, 0, 0.08, 0), (4, 0, 0.16, 0), (2, 2, 0.12, 0),
+        (1, 0, 0.08, 1), (1, 0, 0.16, 1), (4, 0, 0.16, 1), (1, 0, 0.16, 2),
+    ),
+    probe=False,  # the probe's notes describe DiT; the rows above cover diffusers' hooks on the MMDiT
+)  # fmt: skip
+# README demo: eager only (no Inductor compile), so a cold machine finishes in minutes.
+NEW_QUICK = Plan(
+    "quick", 32, 16, 20, 8, 2,
+    (("auto", 0.1, "eager"),),
+    (),
+    taylorseer=((2, 2),),
+    cachedit=((1, 0, 0.16, 1),),
+    inductor_baseline=False,
+    probe=False,
+)  # fmt: skip
+OLD_DEFAULT = Plan(
+    "default", 80, 40, 50, 16, 4,
+    (*_grid(("linear", "trajectory", "reuse"), (0.03, 0.05, 0.1), ("inductor",)), ("auto", 0.05, "eager")),
+    ((0.03, 0.05, False), (0.03, 0.1, False), (0.03, 0.05, True)),
+    fora=(2, 3), fbc=(0.07, 0.1), teacache=(0.05, 0.1), diffusers_fbc=(0.07, 0.1), pab=(2, 3),
+    taylorseer=((2, 1), (3, 1), (2, 2)), magcache=(0.02, 0.06),
+    cachedit=((1, 0, 0.08, 0), (1, 0, 0.08, 1)),
+)  # fmt: skip
+OLD_QUICK = Plan(
+    "quick", 16, 16, 20, 8, 2,
+    (("auto", 0.1, "eager"), ("reuse", 0.1, "eager")),
+    (),
+    fora=(2,), taylorseer=((2, 2),), cachedit=((1, 0, 0.08, 1),),
+    inductor_baseline=False, probe=False,
+)  # fmt: skip
+PLANS = {("new", "default"): NEW_DEFAULT, ("new", "quick"): NEW_QUICK, ("old", "default"): OLD_DEFAULT}
+PLANS[("old", "quick")] = OLD_QUICK

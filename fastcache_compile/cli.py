@@ -1,27 +1,33 @@
-"""The ``fastcache`` command line.
+"""The ``fastcache`` command line: runs from any directory, needs nothing outside the installed package.
 
-    fastcache export --format onnx --model reference --out out/dit --threshold 0.1
-    fastcache export --format tensorrt --model mypkg.models:make --out out/trt --batch 1 2
+    fastcache generate --model reference --n 8 --steps 20 --threshold 0.1 --out samples/
+    fastcache calibrate --model reference --out calibration.safetensors
+    fastcache bench --model reference --threshold 0.1
+    fastcache export --format onnx --model reference --out out/mmdit --threshold 0.1
 
-``--model reference`` is the project's reference DiT (class-conditional, input (B, 1, 32, 32), long
-timesteps and labels, null class 10). ``--model module:factory`` calls ``factory()``, which must return
-``(model, example_kwargs)``: the model in eval mode and the keyword arguments of one call (or a list of
-them, one exported signature each); ``--batch`` applies to the reference model only.
+``--model`` is ``reference`` (the shipped flow-matching MMDiT), a reference-format folder, or
+``module:factory`` found from the current directory; see ``_cli_models`` for what each must hold.
+``generate`` / ``bench`` compare the sampler with and without ``torch.compile(backend="fastcache")`` on
+the same seeds, after one warm-up generation each, and report wall and process CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-REFERENCE_PATH = "benchmarks/reference/dit-fmnist"
-REFERENCE_NULL_CLASS = 10
+from ._cli_models import load_model, psnr, reference_inputs, require_reference, timed
+from .config import FastCacheConfig
+
+_DEFAULTS = FastCacheConfig()
 
 
 def _say(start: float) -> Any:
@@ -31,42 +37,181 @@ def _say(start: float) -> Any:
     return say
 
 
-def load_reference() -> torch.nn.Module:
-    """The reference DiT: through ``benchmarks.reference.pipeline`` when importable, else from its folder."""
-    try:
-        from benchmarks.reference.pipeline import load_reference as load
-    except ImportError:
-        from diffusers import DiTTransformer2DModel
+def _cache_options(p: argparse.ArgumentParser, lowering: bool = True) -> None:
+    p.add_argument("--threshold", type=float, default=_DEFAULTS.threshold, help="τ: tolerated relative RMS change")
+    p.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="significance level of the χ² test")
+    p.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
+    p.add_argument("--num-steps", type=int, default=None, help="steps per generation (forces the last)")
+    p.add_argument("--max-streams", type=int, default=_DEFAULTS.max_streams, help="conditioning-stream slots")
+    p.add_argument("--calibration", default=None, help="file written by `fastcache calibrate`")
+    p.add_argument("--approximation", default="auto", choices=("auto", "reuse", "trajectory", "linear", "direct"))
+    if lowering:
+        p.add_argument("--lowering", default=_DEFAULTS.lowering, choices=("inductor", "eager"))
 
-        return DiTTransformer2DModel.from_pretrained(REFERENCE_PATH, torch_dtype=torch.float32).eval()
-    return load()
+
+def _sampling_options(p: argparse.ArgumentParser, n: int, seed: int) -> None:
+    p.add_argument("--n", type=int, default=n, help="images per generation (labels 0, 1, ..., 9, 0, ...)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sampling.json)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's sampling.json)")
+    p.add_argument("--cfg", choices=("batch", "split"), default="batch", help="one 2N batch or two calls per step")
+    p.add_argument("--seed", type=int, default=seed, help="image i uses seed + i")
 
 
-def reference_inputs(model: torch.nn.Module, batch: int) -> dict[str, Any]:
-    """One call of the reference DiT: half conditional, half null-class rows for an even (CFG) batch."""
-    cfg = model.config
-    labels = torch.zeros(batch, dtype=torch.long)
-    if batch % 2 == 0:
-        labels[batch // 2 :] = REFERENCE_NULL_CLASS
-    return {
-        "hidden_states": torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
-        "timestep": torch.full((batch,), 999, dtype=torch.long),
-        "class_labels": labels,
-        "return_dict": False,
+def _options(args: argparse.Namespace, steps: int | None) -> dict[str, Any]:
+    options = {
+        "threshold": args.threshold,
+        "alpha": args.alpha,
+        "warmup_steps": args.warmup_steps,
+        # The command knows the step count, so the last step can always compute.
+        "num_steps": args.num_steps if args.num_steps is not None else steps,
+        "max_streams": args.max_streams,
+        "calibration": args.calibration,
+        "approximation": args.approximation,
     }
+    if "lowering" in args:
+        options["lowering"] = args.lowering
+    FastCacheConfig.from_options(options)  # a bad value raises ValueError naming the option
+    return options
 
 
-def _model_and_inputs(spec: str, batches: Sequence[int]) -> tuple[torch.nn.Module, Any]:
-    if spec == "reference":
-        model = load_reference()
-        return model, [reference_inputs(model, b) for b in batches]
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise SystemExit(f"--model must be 'reference' or 'module:factory', got {spec!r}")
-    made = getattr(importlib.import_module(module), name)()
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise SystemExit(f"{spec}() must return (model, example_kwargs), got {type(made).__name__}")
-    return made
+def _sampler(args: argparse.Namespace, ref: Any) -> tuple[Any, int]:
+    from .reference import sample
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    steps = ref.steps if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    labels = torch.arange(args.n) % 10
+
+    def run(model: Any, n_steps: int = steps, seed: int = args.seed) -> torch.Tensor:
+        return sample(ref, model, labels, seed, steps=n_steps, guidance=args.guidance, cfg=args.cfg)
+
+    return run, steps
+
+
+def _compiled(ref: Any, options: dict[str, Any]) -> torch.nn.Module:
+    return torch.compile(ref.transformer, backend="fastcache", options=options)
+
+
+def _warm(run: Any, model: Any, steps: int, warmup: int) -> None:
+    # Enough steps that both the first-call graph and the cached graph are built before timing.
+    run(model, n_steps=min(steps, warmup + 2))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import fastcache_compile
+
+    from ._png import write_png
+
+    _options(args, None)  # bad option values fail before the model loads
+    ref = require_reference(load_model(args.model), "generate")
+    run, steps = _sampler(args, ref)
+    options = _options(args, steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = _say(time.perf_counter())
+    say(f"warm-up: {args.n} images, lowering {options.get('lowering')}")
+    compiled = _compiled(ref, options)
+    _warm(run, ref.transformer, steps, args.warmup_steps)
+    _warm(run, compiled, steps, args.warmup_steps)
+    fastcache_compile.reset(compiled)
+    say(f"sampling {args.n} images × {steps} steps, without and with the cache")
+    plain, wall_0, cpu_0 = timed(lambda: run(ref.transformer))
+    cached, wall_1, cpu_1 = timed(lambda: run(compiled))
+    s = fastcache_compile.stats(compiled)
+    write_png(out / "uncached.png", plain)
+    write_png(out / "fastcache.png", cached)
+    result = {
+        "model": args.model,
+        "n": args.n,
+        "steps": steps,
+        "options": options,
+        "uncached": {"wall_s": wall_0, "cpu_s": cpu_0},
+        "fastcache": {"wall_s": wall_1, "cpu_s": cpu_1},
+        "psnr_db": psnr(cached, plain),
+        "max_abs_diff": float((cached - plain).abs().max()),
+        "stats": {k: v for k, v in s.items() if k != "tokens_per_call"},
+    }
+    (out / "generate.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"blocks skipped: {s['blocks_skipped']} of {s['blocks_skipped'] + s['blocks_computed']}", end="")
+    print(f" ({100 * s['skip_ratio']:.1f} %), calls {s['calls']}, generations {s['generations']}")
+    print(f"uncached:  wall {wall_0:.2f} s, CPU {cpu_0:.2f} s")
+    print(f"fastcache: wall {wall_1:.2f} s, CPU {cpu_1:.2f} s")
+    print(f"speed-up: wall {wall_0 / wall_1:.2f}x, CPU {cpu_0 / cpu_1:.2f}x", end="")
+    print(f"; PSNR vs uncached {result['psnr_db']:.1f} dB")
+    print(f"wrote {out / 'uncached.png'}, {out / 'fastcache.png'}, {out / 'generate.json'}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import fastcache_compile
+
+    ref = require_reference(load_model(args.model), "calibrate")
+    run, steps = _sampler(args, ref)
+    if args.generations < 1:
+        raise ValueError(f"--generations must be >= 1, got {args.generations}")
+    say = _say(time.perf_counter())
+    say(f"calibrating on {args.generations} generations of {args.n} images × {steps} steps")
+
+    def drive(model: Any) -> None:
+        for g in range(args.generations):
+            run(model, seed=args.seed + g * args.n)
+
+    calib = fastcache_compile.calibrate(ref.transformer, drive, args.out)
+    metrics = calib.metrics
+    print(f"recommended approximation: {calib.recommended}")
+    for form, err in sorted(metrics.get("heldout_rel_error", {}).items(), key=lambda kv: kv[1]):
+        print(f"  {form:10s} held-out relative error {err:.4f}")
+    print("beta per block: " + ", ".join(f"{b:.2f}" for b in metrics.get("beta", [])))
+    print(f"wrote {args.out}; use it with --calibration {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import fastcache_compile
+
+    _options(args, None)  # bad option values fail before the model loads
+    ref = require_reference(load_model(args.model), "bench")
+    run, steps = _sampler(args, ref)
+    options = _options(args, steps)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    say = _say(time.perf_counter())
+    models: list[tuple[str, Any]] = [("uncached eager", ref.transformer)]
+    if options["lowering"] == "inductor":
+        models.append(("uncached inductor", torch.compile(ref.transformer)))
+    models.append((f"fastcache τ={args.threshold:g} ({options['lowering']})", _compiled(ref, options)))
+    rows, baseline = [], None
+    for name, model in models:
+        say(f"{name}: warm-up, then {args.repeats} generations of {args.n} images × {steps} steps")
+        _warm(run, model, steps, args.warmup_steps)
+        if name.startswith("fastcache"):
+            fastcache_compile.reset(model)
+        runs = [timed(lambda m=model: run(m)) for _ in range(args.repeats)]
+        images = runs[0][0]
+        baseline = images if baseline is None else baseline
+        row = {
+            "method": name,
+            "wall_s": statistics.median(r[1] for r in runs),
+            "cpu_s": statistics.median(r[2] for r in runs),
+            "psnr_db": psnr(images, baseline),
+        }
+        if name.startswith("fastcache"):
+            row["skip_ratio"] = fastcache_compile.stats(model)["skip_ratio"]
+        rows.append(row)
+    print(f"{args.n} images × {steps} steps, cfg {args.cfg}, median of {args.repeats} after one warm-up")
+    print("| method | wall s | CPU s | wall speed-up | CPU speed-up | blocks skipped | PSNR vs eager |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        skipped = f"{100 * r['skip_ratio']:.1f} %" if "skip_ratio" in r else "0 %"
+        print(
+            f"| {r['method']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {rows[0]['wall_s'] / r['wall_s']:.2f}x | "
+            f"{rows[0]['cpu_s'] / r['cpu_s']:.2f}x | {skipped} | {r['psnr_db']:.1f} dB |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"n": args.n, "steps": steps, "options": options, "rows": rows}) + "\n")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -76,17 +221,13 @@ def _export(args: argparse.Namespace) -> int:
     say = _say(time.perf_counter())
     if args.format == "tensorrt":
         _import_tensorrt()  # fail before the (slow) ONNX export, not after it
+    options = _options(args, None)
     say(f"loading model {args.model!r}")
-    model, example = _model_and_inputs(args.model, args.batch)
-    options = {
-        "threshold": args.threshold,
-        "alpha": args.alpha,
-        "warmup_steps": args.warmup_steps,
-        "num_steps": args.num_steps,
-        "max_streams": args.max_streams,
-        "calibration": args.calibration,
-        "approximation": args.approximation,
-    }
+    loaded = load_model(args.model)
+    if isinstance(loaded, tuple):
+        model, example = loaded
+    else:  # --batch applies to reference models: one exported signature per batch size
+        model, example = loaded.transformer, [reference_inputs(loaded, b) for b in args.batch]
     out = export_onnx(model, example, args.out, progress=say, verify=not args.no_verify, **options)
     if args.format == "tensorrt":
         export_tensorrt(out, out, fp16=args.fp16, progress=say)
@@ -94,27 +235,49 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcache", description="FastCache for Diffusion Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "'reference', a reference-format folder, or 'module:factory' (from the current directory)"
+
+    gen = commands.add_parser("generate", help="sample with and without the cache, write PNG grids")
+    gen.add_argument("--model", default="reference", help=model_help)
+    gen.add_argument("--out", required=True, help="output directory (PNG grids, generate.json)")
+    _sampling_options(gen, n=8, seed=0)
+    _cache_options(gen)
+
+    cal = commands.add_parser("calibrate", help="fit the skip-path maps on a few full generations")
+    cal.add_argument("--model", default="reference", help=model_help)
+    cal.add_argument("--out", required=True, help="calibration file to write (safetensors)")
+    cal.add_argument("--generations", type=int, default=4, help="generations to fit on (every 4th is held out)")
+    _sampling_options(cal, n=2, seed=1000)  # seeds apart from generate's, so its images are held out
+
+    bench = commands.add_parser("bench", help="timing table: uncached vs fastcache, after warm-up")
+    bench.add_argument("--model", default="reference", help=model_help)
+    bench.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
+    bench.add_argument("--json", default=None, help="also write the raw numbers to this file")
+    _sampling_options(bench, n=4, seed=0)
+    _cache_options(bench)
+
     exp = commands.add_parser("export", help="export the cache-rewritten model for deployment")
     exp.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    exp.add_argument("--model", required=True, help="'reference' or 'module:factory' returning (model, kwargs)")
+    exp.add_argument("--model", required=True, help=model_help + "; a factory may return (model, kwargs)")
     exp.add_argument("--out", required=True, help="output directory")
-    exp.add_argument("--threshold", type=float, default=0.05, help="τ: tolerated relative RMS input change")
-    exp.add_argument("--alpha", type=float, default=0.05, help="significance level of the χ² test")
-    exp.add_argument("--warmup-steps", type=int, default=2)
-    exp.add_argument("--num-steps", type=int, default=None, help="steps per generation (forces the last)")
-    exp.add_argument("--max-streams", type=int, default=4, help="state slots (conditioning streams)")
-    exp.add_argument("--calibration", default=None, help="calibration file from fastcache_compile.calibrate")
-    exp.add_argument("--approximation", default="auto", choices=("auto", "reuse", "trajectory", "linear", "direct"))
+    _cache_options(exp, lowering=False)
     exp.add_argument("--batch", type=int, nargs="+", default=[2], help="reference model batch sizes to export")
     exp.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
     exp.add_argument("--no-verify", action="store_true", help="skip running the graphs under ONNX Runtime")
-    args = parser.parse_args(argv)
+    return parser
+
+
+_COMMANDS = {"generate": _generate, "calibrate": _calibrate, "bench": _bench, "export": _export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return _export(args)
-    except (ValueError, ImportError) as err:
+        return _COMMANDS[args.command](args)
+    except (ValueError, ImportError, FileNotFoundError) as err:
         print(f"fastcache: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,9 @@ import torch
 from . import conformal, forecast
 
 ORDERS = (1, 2, 3)
-MAX_GAP = 4  # the weight table covers skips of up to MAX_GAP − 1 consecutive steps; beyond, compute
+# Weight-table gap range. In-graph a block skips only while t − s_1 < MAX_GAP (at most MAX_GAP − 1
+# skips in a row), so the gaps of its history, between computes, never exceed MAX_GAP.
+MAX_GAP = 4
 MAX_PAIRS = 4096  # held-out (ê, e) pairs kept per block in the file
 
 
@@ -69,13 +71,20 @@ def _rel_errors(g: _Grams, table: torch.Tensor, order: int, t: torch.Tensor, s: 
     return torch.stack(per_out).amax(0)
 
 
+def _examples(num_steps: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, s)`` of the forecasts the graph can make: all gaps ≤ MAX_GAP, and t − s_1 < MAX_GAP."""
+    t, s, _ = forecast.examples(num_steps, order, MAX_GAP)
+    keep = (t - s[:, 0]) < MAX_GAP
+    return t[keep], s[keep]
+
+
 def _features(g: _Grams, t: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
     x = g.x
     delta2 = (x[t, t] - 2 * x[t, s1] + x[s1, s1]) / x[s1, s1].clamp_min(1e-30)  # as rule.relative_change
     return conformal.error_features(delta2.float(), (t - s1).float(), t.float())
 
 
-def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 1e-6, min_count: int = 4) -> tuple[dict, dict]:
+def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 0.0, min_count: int = 4) -> tuple[dict, dict]:
     """Forecaster tensors and metrics from recorded generations (≥ 2 needed for held-out scores).
 
     Tensors: ``fc_table.{i}`` (G^K, K) weights, ``fc_coef.{i}`` (4,) error model, ``fc_pred.{i}`` /
@@ -103,7 +112,7 @@ def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 1e-6, min_count:
             tables[i][k] = fitted
             for name, table in ((f"fitted_k{k}", fitted), (f"fixed_k{k}", forecast.lagrange_table(k, MAX_GAP))):
                 for g in he:
-                    t, s, _ = forecast.examples(g.m.shape[0], k_max, MAX_GAP)
+                    t, s = _examples(g.m.shape[0], k_max)
                     per_order[name] += _rel_errors(g, table, k, t, s).tolist()
     if not tables:
         raise ValueError("no block has an output paired with an input stream: nothing to forecast")
@@ -116,14 +125,14 @@ def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 1e-6, min_count:
         tensors[f"fc_table.{i}"] = table
         feats, errs = [], []
         for g in tr:
-            t, s, _ = forecast.examples(g.m.shape[0], order, MAX_GAP)
+            t, s = _examples(g.m.shape[0], order)
             feats.append(_features(g, t, s[:, 0]))
             errs.append(_rel_errors(g, table, order, t, s))
         coef = conformal.fit_error_model(torch.cat(feats), torch.cat(errs))
         tensors[f"fc_coef.{i}"] = coef
         preds, errs = [], []
         for g in he:
-            t, s, _ = forecast.examples(g.m.shape[0], order, MAX_GAP)
+            t, s = _examples(g.m.shape[0], order)
             preds.append(conformal.predict_error(coef.double(), _features(g, t, s[:, 0]).double()))
             errs.append(_rel_errors(g, table, order, t, s))
         pred, err = torch.cat(preds).float(), torch.cat(errs).float()

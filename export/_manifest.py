@@ -125,16 +125,81 @@ def write(directory: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """(export directory, manifest); ValueError for anything but this format version."""
+    """(export directory, manifest); ValueError for anything but a complete export of this format version."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     file = directory / MANIFEST
     if not file.exists():
         raise ValueError(f"no {MANIFEST} in {directory}: export the model with fastcache_compile.export.export_onnx")
-    manifest = json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): it is truncated or damaged; {_REEXPORT}") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file} holds a JSON {type(manifest).__name__}, not a manifest; {_REEXPORT}")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{file} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}, but this "
             f"fastcache_compile reads {FORMAT!r} version {FORMAT_VERSION}: re-export the model with this version"
         )
+    _check_keys(file, manifest, _SCHEMA, "")
+    if "layout" not in manifest:  # the If layout; other layouts (segments) name their graphs themselves
+        _check_keys(file, manifest, {"variants": [{"cached": None}]}, "")
+    _check_files(directory, manifest)
     return directory, manifest
+
+
+_REEXPORT = "re-export the model with fastcache_compile.export.export_onnx"
+# The keys every layout's runner reads; a list holds the schema of each of its items.
+_SCHEMA: dict[str, Any] = {
+    "config": {k: None for k in ("threshold", "alpha", "approximation", "warmup_steps", "num_steps", "max_streams")},
+    "fingerprint": {"num_blocks": None, "widths": None, "param_hash": None},
+    "variants": [
+        {
+            "init": None,
+            "template": None,
+            "num_outputs": None,
+            "seq_output": None,
+            "output": {"kind": None},
+            "inputs": [{"name": None, "graph_name": None, "shape": None, "dtype": None}],
+            "blocks": [{"index": None, "streams": None, "pairs": None, "state": None}],
+        }
+    ],
+}
+
+
+def _check_keys(file: Path, value: Any, schema: Any, where: str) -> None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{file}: {where or 'the manifest'} must be an object; {_REEXPORT}")
+        missing = [k for k in schema if k not in value]
+        if missing:
+            at = f" in {where}" if where else ""
+            raise ValueError(f"{file} is missing key(s) {missing}{at}: the export is incomplete or edited; {_REEXPORT}")
+        for key, sub in schema.items():
+            _check_keys(file, value[key], sub, f"{where}.{key}" if where else key)
+    elif isinstance(schema, list):
+        if not isinstance(value, list) or (where == "variants" and not value):
+            raise ValueError(f"{file}: {where} must be a non-empty list; {_REEXPORT}")
+        for i, item in enumerate(value):
+            _check_keys(file, item, schema[0], f"{where}[{i}]")
+
+
+def file_sizes(directory: Path, names: list[str]) -> dict[str, int]:
+    """{file: bytes} of the exported files, so that load can tell a truncated or missing one."""
+    return {name: (directory / name).stat().st_size for name in names}
+
+
+def _check_files(directory: Path, manifest: dict[str, Any]) -> None:
+    # Exports written before sizes were recorded: at least the graphs must be there.
+    graphs = [v[k] for v in manifest["variants"] for k in ("init", "cached") if k in v]
+    sizes = manifest.get("files") or dict.fromkeys(graphs)
+    for name, size in sizes.items():
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"the export in {directory} lacks {name} (listed in {MANIFEST}); {_REEXPORT}")
+        if size is not None and path.stat().st_size != size:
+            raise ValueError(
+                f"{path} has {path.stat().st_size} bytes but was exported with {size}: it is truncated or was "
+                f"replaced; copy the export again or {_REEXPORT}"
+            )

@@ -13,9 +13,10 @@ the state layout, input roles and the model fingerprint for ``runner.load_export
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,61 @@ from .runner import input_roles
 
 log = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.safetensors"
+# One model call: positional arguments (what torch.export takes) or keyword arguments.
+Example = tuple[Any, ...] | Mapping[str, Any] | torch.Tensor
+
+
+def positional_names(model: nn.Module) -> list[str]:
+    """Names of ``model.forward``'s parameters that can be passed by position, in order."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+
+
+def _as_kwargs(model: nn.Module, example: Any, where: str) -> dict[str, Any]:
+    """One example call as keyword arguments: the manifest, the runner and Dynamo's input names use them."""
+    if isinstance(example, Mapping):
+        return dict(example)
+    if isinstance(example, torch.Tensor):
+        example = (example,)
+    if not isinstance(example, tuple):
+        raise ValueError(
+            f"{where} must be a tuple of positional arguments, e.g. (x, t, y), or a dict of keyword arguments "
+            f"of one model call; got {type(example).__name__}"
+        )
+    names = positional_names(model)
+    if len(example) > len(names):
+        raise ValueError(
+            f"{where} has {len(example)} positional arguments but {type(model).__name__}.forward takes at most "
+            f"{len(names)} by position ({names}); pass the rest in a dict of keyword arguments"
+        )
+    return dict(zip(names, example))
+
+
+def _examples(model: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
+    if not isinstance(example_inputs, list):
+        return [_as_kwargs(model, example_inputs, "example_inputs")]
+    if not example_inputs:
+        raise ValueError("example_inputs is an empty list: give one call (a tuple or dict), or a list of them")
+    if any(isinstance(e, torch.Tensor) for e in example_inputs):
+        # A list means several signatures; a list of tensors is almost surely one call's arguments.
+        raise ValueError(
+            "example_inputs is a list of tensors; a list means one call per input signature. Pass the "
+            "positional arguments of one call as a tuple, e.g. (x, t, y), or a list of such tuples"
+        )
+    return [_as_kwargs(model, e, f"example_inputs[{k}]") for k, e in enumerate(example_inputs)]
+
+
+def _external_files(path: Path) -> list[str]:
+    """The external-data files an ONNX graph refers to (large models keep weights outside the protobuf)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            names |= {e.value for e in tensor.external_data if e.key == "location"}
+    return sorted(names)
 
 
 def capture(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[fx.GraphModule, list[Any], Any]:
@@ -47,7 +103,9 @@ def capture(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[fx.GraphModule
 
     base = getattr(model, "_orig_mod", model)
     with torch.no_grad():
-        out = torch.compile(base, backend=grab, fullgraph=True)(**kwargs)
+        # dynamic=False: if this model's forward was compiled before at other shapes, Dynamo's automatic
+        # dynamic shapes would trace symbolic sizes here, which the static ONNX graphs cannot hold.
+        out = torch.compile(base, backend=grab, fullgraph=True, dynamic=False)(**kwargs)
     if len(graphs) != 1:
         raise ValueError(f"expected one Dynamo graph for the model call, got {len(graphs)}")
     return graphs[0][0], graphs[0][1], out
@@ -208,7 +266,7 @@ def _json_safe(value: Any) -> bool:
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    example_inputs: Example | list[Example],
     path: str | Path,
     *,
     progress: Callable[[str], None] | None = None,
@@ -217,8 +275,9 @@ def export_onnx(
 ) -> Path:
     """Export the FastCache-rewritten ``model`` to ONNX files plus ``manifest.json`` in directory ``path``.
 
-    ``example_inputs`` are the keyword arguments of one model call (or a list of them: one graph pair
-    per input signature, e.g. batch 1 and the CFG batch 2). ``options`` are those of the backend
+    ``example_inputs`` are the inputs of one model call: a tuple of positional arguments, e.g.
+    ``(x, t, y)`` as for ``torch.export``, or a dict of keyword arguments; or a list of such calls, one
+    graph pair per input signature (e.g. batch 1 and the CFG batch 2). ``options`` are those of the backend
     (``FastCacheConfig``: threshold, alpha, warmup_steps, num_steps, calibration, approximation,
     max_streams); ``lowering`` is ignored. Graphs are static-shaped, like the backend's variants.
     ``verify`` runs every graph once under ONNX Runtime (when installed) against the torch graph.
@@ -235,19 +294,19 @@ def export_onnx(
         )
     calib = _calibration.load(config.calibration) if config.calibration is not None else None
     form = resolve_form(config.approximation, calib)
-    examples = [example_inputs] if isinstance(example_inputs, Mapping) else list(example_inputs)
-    if not examples:
-        raise ValueError("example_inputs must be the kwargs of one model call (or a non-empty list of them)")
+    model = getattr(model, "_orig_mod", model)
+    examples = _examples(model, example_inputs)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)
     if model.training:
         raise ValueError("the model is in training mode (dropout would be exported): call model.eval() first")
     variants = [
         _export_variant(model, ex, directory, k, config, form, calib, say, verify) for k, ex in enumerate(examples)
     ]
+    files = [f for v in variants for g in (v["init"], v["cached"]) for f in (g, *_external_files(directory / g))]
     if calib is not None:
         shutil.copyfile(config.calibration, directory / CALIBRATION_FILE)  # the maps are graph constants too
+        files.append(CALIBRATION_FILE)
     for v in variants:
         for spec, role in zip(v["inputs"], input_roles(v["inputs"])):
             spec["role"] = role  # timestep / conditioning (selects the state slot) / latent
@@ -276,6 +335,8 @@ def export_onnx(
         "fingerprint": fingerprint,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_config": _model_config(model),
+        "positional": positional_names(model),  # lets the runner take positional arguments too
+        "files": _manifest.file_sizes(directory, files),
         "variants": variants,
     }
     _manifest.write(directory, manifest)

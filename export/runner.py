@@ -161,7 +161,9 @@ class ExportedModel:
         layouts = [BlockLayout(b["index"], tuple(b["streams"]), tuple(b["pairs"])) for b in v["blocks"]]
         return Variant(init, cached, v["num_outputs"], v["seq_output"], layouts, self.manifest["fingerprint"])
 
-    def __call__(self, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            kwargs = self._by_name(args, kwargs)
         leaves = _manifest.bind(self._template, kwargs)
         first = leaves[self._latent]
         args = [torch.as_tensor(leaves[n]).to(dtype=d) for n, d in zip(self._names, self._dtypes)]
@@ -172,6 +174,18 @@ class ExportedModel:
         elif first.device != outs[0].device:
             outs = [o.to(first.device) for o in outs]
         return self._wrap(outs, kwargs.get(_manifest.OUTPUT_SWITCH, True))
+
+    def _by_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        names = self.manifest.get("positional") or []
+        if len(args) > len(names):
+            raise ValueError(
+                f"got {len(args)} positional arguments, but the exported model takes at most {len(names)} by position "
+                f"({names}); pass inputs by keyword"
+            )
+        twice = sorted(set(names[: len(args)]) & set(kwargs))
+        if twice:
+            raise ValueError(f"input(s) {twice} given both by position and by keyword")
+        return {**dict(zip(names, args)), **kwargs}
 
     def _wrap(self, outs: list[Any], return_dict: bool) -> Any:
         info = self.variants[0]["output"]

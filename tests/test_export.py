@@ -10,7 +10,7 @@ import torch
 import fastcache_compile as fc
 from fastcache_compile.cli import main
 from fastcache_compile.export import export_onnx, export_tensorrt, load_exported
-from models import CASES, sample, split_inputs
+from models import CASES, TinyDiT, sample, split_inputs
 
 pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'fastcache-compile[onnx]')")
 pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install 'fastcache-compile[onnx]')")
@@ -191,3 +191,91 @@ def test_tensorrt_engines(exported, tmp_path):
     out = export_tensorrt(exported["dit", TAU], tmp_path)
     assert (out / "cached_0.engine").stat().st_size > 0
     shutil.rmtree(out)
+
+
+# -- issue 9, item 10: example inputs, Dynamo state, damaged exports -----------------------------------
+
+
+def _tiny_call(batch: int, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.full((batch,), 0.5), torch.arange(batch)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return TinyDiT(depth=2).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_exported(tiny, tmp_path_factory):
+    """The tiny DiT exported from a positional call (batch 1) and a keyword call (batch 2)."""
+    one, (x, t, y) = _tiny_call(1, 1), _tiny_call(2, 2)
+    path = tmp_path_factory.mktemp("tiny")
+    return export_onnx(tiny, [one, {"x": x, "t": t, "y": y}], path, threshold=0.0, verify=False)
+
+
+def test_positional_examples_and_several_signatures(tiny, tiny_exported, tmp_path):
+    one, two = _tiny_call(1, 1), _tiny_call(2, 2)
+    x, t, y = two
+    runner = load_exported(tiny_exported)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(*one), tiny(*one), rtol=1e-4, atol=1e-4)
+        runner.reset()
+        torch.testing.assert_close(runner(x, t=t, y=y), tiny(*two), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="both by position and by keyword"):
+        runner(x, x=x, t=t, y=y)
+    with pytest.raises(ValueError, match="a list of tensors"):
+        export_onnx(tiny, list(one), tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"4 positional arguments .* at most 3"):
+        export_onnx(tiny, (*one, 1), tmp_path / "bad")
+
+
+def test_export_after_compile_at_other_batch_sizes(tiny, tmp_path):
+    compiled = torch.compile(tiny, backend="fastcache", options={"lowering": "eager"})
+    with torch.no_grad():
+        for batch in (3, 4):  # two sizes: Dynamo's automatic dynamic shapes now trace this forward symbolically
+            compiled(*_tiny_call(batch, 0))
+    x, t, y = _tiny_call(2, 3)
+    out = export_onnx(tiny, {"x": x, "t": t, "y": y}, tmp_path, threshold=0.0, verify=False)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(x=x, t=t, y=y), tiny(x, t, y), rtol=1e-4, atol=1e-4)
+
+
+def test_damaged_exports_fail_at_load(tiny_exported, tmp_path):
+    src = tiny_exported
+
+    def copy(name: str):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst, json.loads((dst / "manifest.json").read_text())
+
+    d, manifest = copy("no-key")
+    del manifest["variants"][0]["blocks"][1]["state"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['state'\] in variants\[0\]\.blocks\[1\]"):
+        load_exported(d)
+    d, manifest = copy("no-config")
+    del manifest["config"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['config'\]"):
+        load_exported(d)
+    d, manifest = copy("truncated")
+    graph = d / manifest["variants"][0]["cached"]
+    graph.write_bytes(graph.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cached_0.onnx has 1000 bytes but was exported with \d+"):
+        load_exported(d)
+    d, manifest = copy("missing")
+    (d / manifest["variants"][0]["init"]).unlink()
+    with pytest.raises(ValueError, match=r"lacks init_0\.onnx"):
+        load_exported(d)
+    d, manifest = copy("old")  # written before file sizes were recorded: the graphs must still be there
+    del manifest["files"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    load_exported(d)
+    (d / manifest["variants"][0]["cached"]).unlink()
+    with pytest.raises(ValueError, match=r"lacks cached_0\.onnx"):
+        load_exported(d)
+    (d / "manifest.json").write_text(json.dumps(manifest)[:100])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_exported(d)

@@ -33,6 +33,7 @@ from torch import fx, nn
 from fastcache_compile import approx, rule
 
 from .outline_blocks import PREFIX
+from .reduce_stats import LOCAL, Reducer, block_reducers
 
 # Active shadow recorders (see ``fastcache_compile.runtime.shadow_errors``).
 _SHADOW: list[list[tuple[int, float]]] = []
@@ -90,9 +91,12 @@ class CachedBlock(_BlockBase):
         alpha: float,
         form: str,
         params: dict[str, torch.Tensor],
+        reducer: Reducer = LOCAL,
     ) -> None:
         super().__init__(block, layout)
         self.tau, self.alpha, self.form = tau, alpha, form
+        # Under context parallelism the statistic and its dof cover every rank's shard (reduce_stats).
+        self.reducer = reducer
         self._fitted = sorted(name.replace(".", "_") for name in params)
         for name, value in params.items():
             self.register_buffer(name.replace(".", "_"), value, persistent=False)
@@ -129,8 +133,8 @@ class CachedBlock(_BlockBase):
         r_prev = list(state[n_str + n_out : n_str + 2 * n_out])
         s, s_prev = state[-2], state[-1]
         xs = [args[p] for p in lay.streams]
-        delta2 = rule.relative_change(xs, x_hat)  # () float32
-        dof = sum(x.numel() for x in xs)
+        delta2 = self.reducer.relative_change(xs, x_hat)  # () float32, the same on every rank
+        dof = self.reducer.dof(xs)
         compute = rule.should_compute(delta2, self._threshold(dof), force)
 
         tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
@@ -300,7 +304,12 @@ def insert_cache(
     params: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> fx.GraphModule:
     params = params or {}
-    return _rewrite(gm, lambda block, lay: CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {})), True)
+    reducers = block_reducers(gm)
+    return _rewrite(
+        gm,
+        lambda block, lay: CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {}), reducers[lay.index]),
+        True,
+    )
 
 
 def insert_recording(gm: fx.GraphModule) -> fx.GraphModule:

@@ -151,3 +151,34 @@ def test_cachedit_huge_threshold_skips_middle_blocks(ref: Reference, plain: torc
 def test_cachedit_rejects_bad_split(ref: Reference) -> None:
     with pytest.raises(ValueError, match="Fn"):
         CacheDit(ref.transformer, 2, 2, 0.1, STEPS)  # 4 > 3 blocks
+
+
+def test_fora_on_dit_family() -> None:
+    # The same wrappers on the old reference's block family (hidden states only, tensor return).
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from benchmarks.reference.pipeline import sample as dit_sample
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=1,
+        num_layers=2,
+        sample_size=32,
+        patch_size=8,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
+    ).eval()
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    labels = torch.tensor([1, 4])
+    with torch.no_grad():
+        plain = dit_sample(dit, labels, 0, steps=4, scheduler=sched)
+        assert bl.block_family(dit) is bl.DIT
+        for interval, skipped in ((1, 0.0), (2, 0.5)):
+            fora = bl.Fora(dit, interval)
+            with fora:
+                out = dit_sample(fora.model, labels, 0, steps=4, scheduler=sched)
+            assert fora.counter.block_skip_fraction() == pytest.approx(skipped)
+            assert torch.equal(out, plain) == (interval == 1)

@@ -13,9 +13,15 @@ After ``insert_cache``::
     # of "computed" flags: output = (*original_outputs, *state, computed)
 
 ``state_i`` are new placeholders: per stream input the last computed input ``x̂``, per output its
-last two computed residuals ``r̂, r̂′`` and the steps ``s, s′`` at which they were computed.
-Inside ``fastcache_cached_i`` the branch is ``torch.ops.higher_order.cond`` on the chi-square test,
-so the decision stays in the graph (no graph break, exportable as ONNX ``If``).
+last ``H`` computed residuals ``r̂_1 … r̂_H`` and the ``H`` steps at which they were computed (``H = 2``,
+``r̂, r̂′, s, s′``, for the classic forms; ``H = K`` for the ``forecast`` form of order ``K``).
+Inside ``fastcache_cached_i`` the branch is ``torch.ops.higher_order.cond`` on the chi-square test (or,
+for ``forecast`` with conformal pairs, on the fitted error predictor against its conformal cutoff), so
+the decision stays in the graph (no graph break, exportable as ONNX ``If``).
+
+With ``audit=True`` every skipped block is also computed in-graph and the graph returns one more
+output, a (num_blocks,) float32 tensor of relative output errors ``‖ŷ − y‖/‖y‖`` (worst output; 0
+where the block computed): ``output = (*original_outputs, *state, computed, audit_errors)``.
 
 ``insert_recording`` builds the state-initialising variant used when no state exists yet (first call
 of a generation or of a new input shape): every block computes and the graph returns the state it
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fastcache_compile import approx, rule
+from fastcache_compile import approx, conformal, forecast, rule
 
 from .outline_blocks import PREFIX
 from .reduce_stats import LOCAL, Reducer, block_reducers
@@ -46,10 +52,17 @@ class BlockLayout:
     index: int
     streams: tuple[int, ...]  # argument positions holding hidden states
     pairs: tuple[int | None, ...]  # per output: the stream argument it updates, or None
+    history: int = 2  # computed residuals (and their steps) kept per output
 
     @property
     def num_state(self) -> int:
-        return len(self.streams) + 2 * len(self.pairs) + 2
+        return len(self.streams) + self.history * (len(self.pairs) + 1)
+
+    def split(self, state: tuple | list) -> tuple[list, list[list], list]:
+        """``(x_hat per stream, residuals[h][k] newest first, steps[h])`` of this block's flat state."""
+        n_str, n_out, h = len(self.streams), len(self.pairs), self.history
+        res = [list(state[n_str + m * n_out : n_str + (m + 1) * n_out]) for m in range(h)]
+        return list(state[:n_str]), res, list(state[n_str + h * n_out : n_str + h * (n_out + 1)])
 
 
 class _BlockBase(nn.Module):
@@ -74,9 +87,12 @@ class RecordingBlock(_BlockBase):
         # State is kept contiguous so compiled variants see one fixed layout for it.
         x_hat = [args[p].contiguous() for p in self.layout.streams]
         s = step.float()
-        # r̂′ starts equal to r̂ (no trajectory yet) but must be its own tensor: cond operands may
-        # not alias each other.
-        state = [*x_hat, *res, *[r.clone() for r in res], s, s - 1.0]
+        h = self.layout.history
+        # Older residuals start equal to r̂ (no trajectory yet) but must be their own tensors: cond
+        # operands may not alias each other. Their steps s − 1, s − 2, … mark them: the forecast form
+        # computes until its oldest step is real (≥ 0).
+        older = [r.clone() for _ in range(h - 1) for r in res]
+        state = [*x_hat, *res, *older, *[s - float(m) for m in range(h)]]
         return (*outs, *state, torch.ones((), dtype=torch.bool, device=step.device))
 
 
@@ -92,11 +108,20 @@ class CachedBlock(_BlockBase):
         form: str,
         params: dict[str, torch.Tensor],
         reducer: Reducer = LOCAL,
+        audit: bool = False,
     ) -> None:
         super().__init__(block, layout)
-        self.tau, self.alpha, self.form = tau, alpha, form
+        self.tau, self.alpha, self.form, self.audit = tau, alpha, form, audit
         # Under context parallelism the statistic and its dof cover every rank's shard (reduce_stats).
         self.reducer = reducer
+        params = dict(params)
+        # forecast: the conformal cutoff is set here for this τ, α from the stored held-out (ê, e) pairs
+        pred, err = params.pop("pred", None), params.pop("err", None)
+        self._cutoff = None if pred is None or err is None else conformal.skip_cutoff(pred, err, tau, alpha)
+        self._max_gap = None
+        if form == "forecast" and "table" in params:
+            rows, order = params["table"].shape
+            self._max_gap = round(rows ** (1.0 / order))
         self._fitted = sorted(name.replace(".", "_") for name in params)
         for name, value in params.items():
             self.register_buffer(name.replace(".", "_"), value, persistent=False)
@@ -121,21 +146,42 @@ class CachedBlock(_BlockBase):
             return approx.direct(x, fitted[f"w_{k}"], fitted[f"b_{k}"])
         return approx.reuse(x, r_hat[k])
 
+    def _forecast(self, k: int, args: tuple, res: list[list], step, steps: list, fitted: dict):
+        """ŷ = x + Σ_m w_m r̂_m with the weight row of the current gap pattern (``forecast`` module)."""
+        p = self.layout.pairs[k]
+        if p is None or self._max_gap is None:
+            return res[0][k].clone()  # unpaired output, or no weights fitted: reuse
+        x = args[p].to(res[0][k].dtype)
+        w = forecast.select_weights(fitted["table"], step, steps, self._max_gap)  # (K,)
+        return forecast.forecast(x, [r[k] for r in res], w)
+
+    def _decide(self, delta2, step, steps: list, force, dof: int) -> torch.Tensor:
+        """True where the block computes: the χ² rule, or ``forecast``'s conformal rule and history checks."""
+        if self.form != "forecast":
+            return rule.should_compute(delta2, self._threshold(dof), force)
+        gap = step.float() - steps[0]
+        # A history not yet filled, or a skip that would leave a gap the table does not cover: skipping
+        # only while t − s_1 < max_gap keeps every gap between computes ≤ max_gap.
+        unfit = (steps[-1] < 0) if self._max_gap is None else (gap >= self._max_gap) | (steps[-1] < 0)
+        force = force | unfit
+        if self._cutoff is None:
+            return rule.should_compute(delta2, self._threshold(dof), force)
+        e_hat = conformal.predict_error(self.coef, conformal.error_features(delta2, gap, step))
+        # ~(ê ≤ c) computes on NaN; a non-finite δ² computes whatever ê says
+        return force | ~(e_hat <= self._cutoff) | ~torch.isfinite(delta2)
+
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lay = self.layout
-        n_out, n_str = len(lay.pairs), len(lay.streams)
+        n_out = len(lay.pairs)
         n_args = len(flat) - lay.num_state - 2
         args = flat[:n_args]
         state = flat[n_args : n_args + lay.num_state]
         step, force = flat[-2], flat[-1]
-        x_hat = list(state[:n_str])
-        r_hat = list(state[n_str : n_str + n_out])
-        r_prev = list(state[n_str + n_out : n_str + 2 * n_out])
-        s, s_prev = state[-2], state[-1]
+        x_hat, res_hist, steps = lay.split(state)
         xs = [args[p] for p in lay.streams]
         delta2 = self.reducer.relative_change(xs, x_hat)  # () float32, the same on every rank
         dof = self.reducer.dof(xs)
-        compute = rule.should_compute(delta2, self._threshold(dof), force)
+        compute = self._decide(delta2, step, steps, force, dof)
 
         tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         consts = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
@@ -160,23 +206,25 @@ class CachedBlock(_BlockBase):
             a = rebuild(ops)
             st = ops[n_t : len(ops) - n_fit]
             fitted = dict(zip(self._fitted, ops[len(ops) - n_fit :]))
-            xh, rh = list(st[:n_str]), list(st[n_str : n_str + n_out])
-            rp = list(st[n_str + n_out : n_str + 2 * n_out])
-            stp, s_, sp_ = st[-3], st[-2], st[-1]
-            preds = (self._predict(k, a, xh, rh, rp, stp, s_, sp_, fitted) for k in range(n_out))
+            xh, res, hs = lay.split(st[:-1])
+            stp = st[-1]
+            if self.form == "forecast":
+                preds = (self._forecast(k, a, res, stp, hs, fitted) for k in range(n_out))
+            else:
+                rp = res[1] if lay.history > 1 else res[0]
+                preds = (self._predict(k, a, xh, res[0], rp, stp, hs[0], hs[-1], fitted) for k in range(n_out))
             return tuple(p.contiguous() for p in preds)
 
         # The fitted maps are operands (not closure constants) so tracers and exporters see them as
         # inputs of the branch.
         fitted_values = [getattr(self, name) for name in self._fitted]
+        # operand layout: the block's tensor arguments, its state (as ``lay.split`` reads it), the step
         operands = (
             *[args[i] for i in tensor_pos],
             *x_hat,
-            *r_hat,
-            *r_prev,
+            *[r for res in res_hist for r in res],
+            *steps,
             step.float(),
-            s,
-            s_prev,
             *fitted_values,
         )
         # Inductor traces each branch with its operands' strides but may hand the branch a buffer of
@@ -186,23 +234,36 @@ class CachedBlock(_BlockBase):
             operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
         else:
             operands = tuple(o.contiguous() for o in operands)
-        outs = torch.ops.higher_order.cond(compute, run_block, predict, operands)
-        outs = tuple(outs)
+        audit_out: tuple[torch.Tensor, ...] = ()
+        if self.audit:
+            # Both paths on the actual input, no branch: the true outputs give the skipped block's
+            # relative error (0 where it computed), at the cost of a full computation.
+            true, pred = run_block(*operands), predict(*operands)
+            outs = tuple(torch.where(compute, t, p) for t, p in zip(true, pred))
+            err = torch.stack([_rel_error(p, t) for p, t in zip(pred, true)]).amax()
+            audit_out = (torch.where(compute, torch.zeros_like(err), err),)
+        else:
+            outs = tuple(torch.ops.higher_order.cond(compute, run_block, predict, operands))
         if _SHADOW and not _tracing(operands) and not bool(compute):
             # Benchmark-only check of the error bound (eager lowering): what would the block have given?
             true = run_block(*operands)
             err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
             _SHADOW[-1].append((self.layout.index, err))
 
-        # Functional state update: keep the old state where the block was skipped.
+        # Functional state update: keep the old state where the block was skipped; on a compute the
+        # history shifts by one (newest first).
         res = self._residuals(args, outs)
         new_x_hat = [torch.where(compute, x, xh).contiguous() for x, xh in zip(xs, x_hat)]
-        new_r_hat = [torch.where(compute, r, rh) for r, rh in zip(res, r_hat)]
-        new_r_prev = [torch.where(compute, rh, rp) for rh, rp in zip(r_hat, r_prev)]
-        new_s = torch.where(compute, step.float(), s)
-        new_s_prev = torch.where(compute, s, s_prev)
-        state_out = [*new_x_hat, *new_r_hat, *new_r_prev, new_s, new_s_prev]
-        return (*outs, *state_out, compute)
+        newer = [res, *res_hist[:-1]]
+        new_res = [torch.where(compute, n, o) for m in range(lay.history) for n, o in zip(newer[m], res_hist[m])]
+        newer_s = [step.float(), *steps[:-1]]
+        new_steps = [torch.where(compute, n, o) for n, o in zip(newer_s, steps)]
+        return (*outs, *new_x_hat, *new_res, *new_steps, compute, *audit_out)
+
+
+def _rel_error(out: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """‖ŷ − y‖ / ‖y‖ in float32 (0-dim), as ``shadow_errors`` measures it."""
+    return (out.float() - true.float()).norm() / true.float().norm().clamp_min(1e-12)
 
 
 def _tracing(tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -226,17 +287,42 @@ def _block_calls(gm: fx.GraphModule) -> list[fx.Node]:
     return sorted(calls, key=lambda n: int(str(n.target)[len(PREFIX) :]))
 
 
-def layouts(gm: fx.GraphModule) -> list[BlockLayout]:
+def layouts(gm: fx.GraphModule, history: int = 2) -> list[BlockLayout]:
     return [
-        BlockLayout(i, tuple(c.meta["fastcache_streams"]), tuple(c.meta["fastcache_pairs"]))
+        BlockLayout(i, tuple(c.meta["fastcache_streams"]), tuple(c.meta["fastcache_pairs"]), history)
         for i, c in enumerate(_block_calls(gm))
     ]
 
 
-def _rewrite(gm: fx.GraphModule, make_module, with_state_inputs: bool) -> fx.GraphModule:
+def state_history(form: str, params: dict[int, dict[str, torch.Tensor]] | None) -> int:
+    """Residuals kept per block output: the forecaster's order K for ``forecast``, else 2."""
+    if form != "forecast":
+        return 2
+    orders = {int(p["table"].shape[1]) for p in (params or {}).values() if "table" in p}
+    if len(orders) != 1:
+        raise ValueError(
+            f"approximation='forecast' needs one forecaster order for all blocks in the calibration, got "
+            f"{sorted(orders) or 'none'}; re-run fastcache_compile.calibrate(...) to fit the forecaster"
+        )
+    return orders.pop()
+
+
+def _state_names(lay: BlockLayout) -> list[str]:
+    i, n_out = lay.index, len(lay.pairs)
+    # the first two residuals and steps keep their classic names (r̂, r̂′, s, s′): exporters read them
+    res = ["r_hat", "r_prev", *[f"r_{m + 1}" for m in range(2, lay.history)]][: lay.history]
+    stp = ["s", "s_prev", *[f"s_{m + 1}" for m in range(2, lay.history)]][: lay.history]
+    names = [f"fc_{i}_x_hat_{j}" for j in range(len(lay.streams))]
+    names += [f"fc_{i}_{r}_{k}" for r in res for k in range(n_out)]
+    return names + [f"fc_{i}_{x}" for x in stp]
+
+
+def _rewrite(
+    gm: fx.GraphModule, make_module, with_state_inputs: bool, history: int = 2, audit: bool = False
+) -> fx.GraphModule:
     graph = gm.graph
     calls = _block_calls(gm)
-    lays = layouts(gm)
+    lays = layouts(gm, history)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
     orig_out = output.args[0]
@@ -245,11 +331,7 @@ def _rewrite(gm: fx.GraphModule, make_module, with_state_inputs: bool) -> fx.Gra
     names: list[str] = []
     if with_state_inputs:
         for lay in lays:
-            i = lay.index
-            names += [f"fc_{i}_x_hat_{j}" for j in range(len(lay.streams))]
-            names += [f"fc_{i}_r_hat_{k}" for k in range(len(lay.pairs))]
-            names += [f"fc_{i}_r_prev_{k}" for k in range(len(lay.pairs))]
-            names += [f"fc_{i}_s", f"fc_{i}_s_prev"]
+            names += _state_names(lay)
     names += ["fc_step", "fc_force"] if with_state_inputs else ["fc_step"]
     new_inputs: list[fx.Node] = []
     anchor = placeholders[-1]
@@ -262,6 +344,7 @@ def _rewrite(gm: fx.GraphModule, make_module, with_state_inputs: bool) -> fx.Gra
 
     state_outputs: list[fx.Node] = []
     flags: list[fx.Node] = []
+    errors: list[fx.Node] = []
     cursor = 0
     for call, lay in zip(calls, lays):
         n_out = len(lay.pairs)
@@ -279,15 +362,19 @@ def _rewrite(gm: fx.GraphModule, make_module, with_state_inputs: bool) -> fx.Gra
         for user in list(call.users):
             user.replace_input_with(call, new_call)
         graph.erase_node(call)
+        n_get = lay.num_state + 1 + audit  # state, computed flag, audited error
         with graph.inserting_after(new_call):
-            getters = [graph.call_function(operator.getitem, (new_call, n_out + j)) for j in range(lay.num_state + 1)]
-        state_outputs += getters[:-1]
-        flags.append(getters[-1])
+            getters = [graph.call_function(operator.getitem, (new_call, n_out + j)) for j in range(n_get)]
+        state_outputs += getters[: lay.num_state]
+        flags.append(getters[lay.num_state])
+        errors += getters[lay.num_state + 1 :]
         gm.delete_submodule(str(call.target))
 
     with graph.inserting_before(output):
         stacked = graph.call_function(torch.stack, (flags,))
-    output.args = ((*orig_list, *state_outputs, stacked),)
+        audited = (graph.call_function(torch.stack, (errors,)),) if audit else ()
+    output.args = ((*orig_list, *state_outputs, stacked, *audited),)
+    gm.meta["fastcache_audit"] = audit
     gm.meta["fastcache_layouts"] = lays
     gm.meta["fastcache_num_outputs"] = len(orig_list)
     gm.meta["fastcache_output_is_seq"] = isinstance(orig_out, (tuple, list))
@@ -302,15 +389,18 @@ def insert_cache(
     alpha: float,
     form: str = "reuse",
     params: dict[int, dict[str, torch.Tensor]] | None = None,
+    audit: bool = False,
 ) -> fx.GraphModule:
+    """``audit=True`` computes every block and returns the skipped ones' true errors (module docstring)."""
     params = params or {}
     reducers = block_reducers(gm)
-    return _rewrite(
-        gm,
-        lambda block, lay: CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {}), reducers[lay.index]),
-        True,
-    )
+
+    def make(block: fx.GraphModule, lay: BlockLayout) -> CachedBlock:
+        return CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {}), reducers[lay.index], audit)
+
+    return _rewrite(gm, make, True, state_history(form, params), audit)
 
 
-def insert_recording(gm: fx.GraphModule) -> fx.GraphModule:
-    return _rewrite(gm, lambda block, lay: RecordingBlock(block, lay), False)
+def insert_recording(gm: fx.GraphModule, history: int = 2) -> fx.GraphModule:
+    """The state-initialising variant; ``history`` must match the cached variant's (``state_history``)."""
+    return _rewrite(gm, lambda block, lay: RecordingBlock(block, lay), False, history)

@@ -105,7 +105,9 @@ class Owner:
 def owner_for(param: torch.Tensor, tag: int, config: FastCacheConfig) -> Owner:
     key = (id(param), tag)
     owner = _OWNERS.get(key)
-    if owner is None or owner.ref is None or owner.ref() is not param:
+    # An owner whose graphs are all gone (``torch._dynamo.reset()``) is stale: a new compile starts
+    # clean rather than continuing its generation count.
+    if owner is None or owner.ref is None or owner.ref() is not param or not len(owner.parts):
         # The callback drops the owner (and its cache tensors) as soon as the parameter dies; it runs
         # before the id can be reused, so a later object at the same address starts clean.
         ref = weakref.ref(param, lambda _, k=key: _OWNERS.pop(k, None))

@@ -10,7 +10,6 @@ in, ``torch.cond`` per block, state out).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -22,15 +21,8 @@ from torch import fx
 
 from .config import FastCacheConfig
 from .instances import _OWNERS, Owner, Part, Slot, config_tag, owner_for, owners_of, summarize
-from .passes.outline_blocks import _is_state_input
+from .roles import Roles, _is_module_state  # noqa: F401  (_is_module_state: the ONNX export's rule too)
 
-# Placeholder names (Dynamo's ``l_<arg>_``) of the inputs that change every step by design: they
-# never identify a conditioning stream. Everything else the user passes (class labels, text states,
-# pooled embeddings, masks, ids) does.
-_TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
-_LATENT_NAMES = ("hidden_states", "x", "sample", "latents", "latent_model_input", "img", "z", "x_t")
-
-_ROLE_SEARCH_CALLS = 8  # calls to watch for an unnamed timestep before saying none was found
 _NO_TIMESTEP = (
     "fastcache: no timestep input recognised (by name, or as a per-sample float input that changes "
     "between calls of one stream); call fastcache_compile.reset(model) before each new generation"
@@ -84,38 +76,6 @@ class Variant:
     num_tokens: int | None = None  # token selection on: the block stack's token count N
 
 
-def _arg_name(placeholder: fx.Node) -> str:
-    # ``l_timestep_``; decorated forwards (``*args, **kwargs`` wrappers) give ``l_kwargs_timestep_``
-    name = placeholder.name.lower()
-    for prefix in ("l_", "kwargs_", "args_"):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.rstrip("_")
-
-
-def _is_module_state(node: fx.Node, value: Any) -> bool:
-    # The graph's own rule, plus the runtime value (a Parameter whose placeholder lacks metadata).
-    return _is_state_input(node) or isinstance(value, torch.nn.Parameter)
-
-
-def _fingerprint(t: torch.Tensor) -> bytes:
-    # Exact bytes for small tensors (labels, pooled embeddings); for large ones a strided sample plus
-    # two global sums, so different prompts never collide in practice.
-    flat = t.detach().reshape(-1)
-    if flat.numel() > 4096:
-        idx = torch.linspace(0, flat.numel() - 1, 4096, device=flat.device).long()
-        sample = flat[idx]
-        sums = torch.stack([flat.double().sum(), (flat.double() ** 2).sum()])
-        parts = [sample.cpu().numpy().tobytes(), sums.cpu().numpy().tobytes()]
-    else:
-        parts = [flat.cpu().numpy().tobytes()]
-    return hashlib.sha1(b"".join(parts) + str((tuple(t.shape), t.dtype)).encode()).digest()
-
-
-def _key(args: Sequence[Any], positions: Sequence[int]) -> bytes:
-    return hashlib.sha1(b"".join(_fingerprint(args[i]) for i in positions)).digest()
-
-
 class CacheRuntime:
     """The callable the ``fastcache`` backend hands back to Dynamo for one graph."""
 
@@ -134,34 +94,24 @@ class CacheRuntime:
         self._plain: Callable | None = None
         self.variants: dict[tuple, Variant] = {}
         self._tag = config_tag(config)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        state = [_is_module_state(n, v) for n, v in zip(placeholders, example_inputs)]
-        # The instance a call is for is named by its first Parameter (a buffer may be shared between
-        # models); positions are fixed per graph, so each call reads one input, not all of them.
-        params = [i for i, v in enumerate(example_inputs) if state[i] and isinstance(v, torch.nn.Parameter)]
-        module_state = params or [i for i, s in enumerate(state) if s]
-        self._owner_pos = module_state[0] if module_state else None
-        self._anon = Owner(config, None) if self._owner_pos is None else None
+        self.roles = Roles([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)
+        self._anon = Owner(config, None) if self.roles.owner is None else None
         self._last: weakref.ref[Owner] | None = None
-        names = [_arg_name(n) for n in placeholders]
-        user = [i for i, v in enumerate(example_inputs) if isinstance(v, torch.Tensor) and not state[i]]
-        self._user_pos = user
-        # Module state shapes are guarded by Dynamo (or follow the SymInt inputs, which are kept here).
-        self._sig_pos = [i for i in range(len(example_inputs)) if not state[i]]
-        self._timestep_pos = next((i for i in user if names[i] in _TIMESTEP_NAMES), None)
-        self._latent_pos = next((i for i in user if names[i] in _LATENT_NAMES), user[0] if user else None)
-        self._cond_pos = [i for i in user if i not in (self._timestep_pos, self._latent_pos)]
-        # Timestep by role (no known name): candidates are fixed at the first call, then watched.
-        self._candidates: list[int] | None = None if self._timestep_pos is None else []
-        self._candidate_seen: dict[bytes, list[tuple[bytes, float]]] = {}
-        self._search_calls = 0
         _RUNTIMES.add(self)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
     def timestep_input(self) -> int | None:
         """Position of the graph input recognised as the timestep, if any (yet)."""
-        return self._timestep_pos
+        return self.roles.timestep
+
+    @property
+    def _timestep_pos(self) -> int | None:  # the exported runner reads the roles under these names
+        return self.roles.timestep
+
+    @property
+    def _cond_pos(self) -> list[int]:
+        return self.roles.cond
 
     @property
     def compiled_variants(self) -> int:
@@ -191,7 +141,7 @@ class CacheRuntime:
     def _owner(self, args: Sequence[Any]) -> Owner:
         if self._anon is not None:
             return self._anon
-        param = args[self._owner_pos]
+        param = args[self.roles.owner]
         last = self._last() if self._last is not None else None
         if last is not None and last.ref is not None and last.ref() is param:
             return last
@@ -206,7 +156,7 @@ class CacheRuntime:
             return slot
         if len(part.slots) >= self.config.max_streams:
             _, evicted = part.slots.popitem(last=False)  # least recently used stream loses its cache
-            if evicted.state is not None and evicted.generation == generation and not self._candidates:
+            if evicted.state is not None and evicted.generation == generation and not self.roles.searching:
                 _warn_once(
                     f"fastcache: more conditioning streams than max_streams={self.config.max_streams} run in "
                     "one generation, so each call evicts another stream's cache and computes every block; "
@@ -215,37 +165,15 @@ class CacheRuntime:
         slot = part.slots[key] = Slot()
         return slot
 
-    def _find_timestep(self, args: Sequence[Any], owner: Owner) -> None:
-        """Recognise an unnamed timestep by its role: a per-sample float input (not the latents) that
-        changes between two calls of one conditioning stream. Until then candidates stay in the
-        stream key, so no stream is ever served from another's cache."""
-        if self._candidates is None:
-            latent = args[self._latent_pos] if self._latent_pos is not None else None
-            batch = latent.shape[0] if isinstance(latent, torch.Tensor) and latent.dim() else 1
-            self._candidates = [
-                i for i in self._cond_pos if args[i].is_floating_point() and 0 < args[i].numel() <= max(batch, 1)
-            ]
-            if not self._candidates:
-                _warn_once(_NO_TIMESTEP)
-                return
-        stream = _key(args, [i for i in self._cond_pos if i not in self._candidates])
-        now = [(_fingerprint(args[i]), float(args[i].detach().float().max())) for i in self._candidates]
-        before = self._candidate_seen.get(stream)
-        self._candidate_seen[stream] = now
-        changed = [(i, b[1]) for i, a, b in zip(self._candidates, now, before or now) if a[0] != b[0]]
-        if changed:
-            self._timestep_pos = changed[0][0]
-            self._cond_pos = [i for i in self._cond_pos if i not in {i for i, _ in changed}]
-            self._candidates, self._candidate_seen = [], {}
-            for o in self._owners():
-                o.part(self).slots.clear()  # their keys held the timestep: no stream will match them again
-            if owner.schedule.last_t is None:
-                owner.schedule.last_t = changed[0][1]  # this call is the second step, not a first
-            return
-        self._search_calls += 1
-        if self._search_calls >= _ROLE_SEARCH_CALLS:
-            self._candidates, self._candidate_seen = [], {}
+    def _search(self, args: Sequence[Any], owner: Owner) -> None:
+        outcome, before = self.roles.search(args)
+        if outcome == "none":
             _warn_once(_NO_TIMESTEP)
+        elif outcome == "found":
+            for o in self._owners():
+                o.part(self).slots.clear()  # their keys held the timestep: no stream matches them again
+            if owner.schedule.last_t is None:
+                owner.schedule.last_t = before  # so this call is the generation's second step
 
     # -- call ------------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -258,7 +186,7 @@ class CacheRuntime:
         # Compiled variants are specialised to their example inputs' layouts; inputs such as an
         # expanded (stride-0) timestep would not match what the cond branches were traced with.
         call = list(args)
-        for i in self._user_pos:
+        for i in self.roles.user:
             call[i] = call[i].contiguous()
         with torch.no_grad():
             return self._call(call)
@@ -266,7 +194,7 @@ class CacheRuntime:
     def _call(self, args: list[Any]) -> Any:
         sig = tuple(
             (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a
-            for a in (args[i] for i in self._sig_pos)
+            for a in (args[i] for i in self.roles.signature)
         )
         variant = self.variants.get(sig)
         if variant is None:
@@ -276,15 +204,11 @@ class CacheRuntime:
         owner = self._owner(args)
         part = owner.part(self)
 
-        if self._candidates is None or self._candidates:
-            self._find_timestep(args, owner)
-        t_now = None
-        if self._timestep_pos is not None:
-            t_now = float(args[self._timestep_pos].detach().float().max())
-        key = _key(args, self._cond_pos)
-        # While an unnamed timestep is searched for it is part of ``key``; the schedule must still see
-        # the stream repeat, so it gets the key without the candidates.
-        stream = _key(args, [i for i in self._cond_pos if i not in self._candidates]) if self._candidates else key
+        if self.roles.searching:
+            self._search(args, owner)
+        roles = self.roles
+        t_now = None if roles.timestep is None else float(args[roles.timestep].detach().float().max())
+        key, stream = roles.keys(args)
         generation, step = owner.schedule.observe(stream, t_now)
         slot = self._slot(part, key, generation)
         if slot.generation != generation or slot.signature != sig:

@@ -53,7 +53,7 @@ def test_selection_runs_fewer_tokens_and_stays_close(built, name):
     assert set(st["tokens_per_call"]) <= allowed
     assert min(st["tokens_per_call"]) < n  # some step really ran a reduced bucket
     assert st["work_fraction"] < 1.0
-    assert st["tokens_per_call"][:2] == [n, n]  # warm-up steps see every token
+    assert st["tokens_per_call"].get(n, 0) >= 2  # warm-up steps see every token
     err = float((out - ref).norm() / ref.norm())
     assert 0.0 < err < 0.3
 
@@ -77,7 +77,7 @@ def test_no_recompiles_after_the_first_generation(built):
     st = fc.stats(cm)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert st["compiled_variants"] == variants == 2  # init + one cached graph holding every bucket
-    assert st["generations"] == 3 and len(st["tokens_per_call"]) == 24
+    assert st["generations"] == 3 and sum(st["tokens_per_call"].values()) == 24  # {tokens: calls}
     assert len(set(st["tokens_per_call"])) > 1  # several buckets were taken without recompiling
 
 

@@ -38,6 +38,7 @@ from fastcache_compile import tokens as T
 
 from .insert_cache import _block_calls, _contiguous_strides, _tracing, insert_cache, insert_recording
 from .outline_blocks import _value
+from .reduce_stats import collective_group
 from .retarget import RetargetError, clone_graph_module, retarget, verify_by_tiling
 
 STACK = "fastcache_stack_0"
@@ -436,6 +437,11 @@ def insert_token_select(
     static_w: torch.Tensor | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule, TokenPlan]:
     """The ``init`` and ``cached`` graphs with token selection; raises ``TokenPlanError`` if unsupported."""
+    group = collective_group(outlined)
+    if group is not None:
+        # Each rank holds a sequence shard: per-rank top-k and kNN merging would pick different token
+        # counts on each rank and break the shape agreement of the all-to-all.
+        raise TokenPlanError(f"the graph runs context parallel collectives over process group {group!r}")
     gm = split_stack(clone_graph_module(outlined))
     stack_args = _capture_stack_args(gm, args)
     plan = plan_tokens(gm, stack_args)

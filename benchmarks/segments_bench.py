@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -57,7 +58,7 @@ def _time(fn, args: list[Any], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _bench(name: str, kwargs: dict[str, Any], size: int, repeats: int) -> list[dict[str, Any]]:
+def _bench(name: str, kwargs: dict[str, Any], size: int, repeats: int, lowerings: list[str]) -> list[dict[str, Any]]:
     model = _model(kwargs)
     inputs = {"x": torch.randn(2, 4, size, size), "t": torch.tensor([500, 500]), "y": torch.tensor([1, 2])}
     gm, args, _ = capture(model, inputs)
@@ -68,7 +69,7 @@ def _bench(name: str, kwargs: dict[str, Any], size: int, repeats: int) -> list[d
     pos = next(i for i, a in enumerate(args) if a is inputs["x"])
     x2 = args[pos] + 1e-3 * torch.randn_like(args[pos])  # a small move: τ = 10 skips every block
     rows = []
-    for lowering in ("eager", "inductor"):
+    for lowering in lowerings:
         for kind, force in (("miss", True), ("hit", False)):
             cond_gm = insert_cache(_outlined(gm, args), 10.0, 0.05)
             runner = SegmentRunner(
@@ -114,15 +115,17 @@ def _bench(name: str, kwargs: dict[str, Any], size: int, repeats: int) -> list[d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--lowerings", nargs="*", default=["eager", "inductor"], choices=["eager", "inductor"])
     args = parser.parse_args(argv)
-    rows = [r for name in args.models for r in _bench(name, *MODELS[name], args.repeats)]
+    rows = [r for name in args.models for r in _bench(name, *MODELS[name], args.repeats, args.lowerings)]
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "repeats": args.repeats,
         "batch": 2,
+        "load_average_1min": round(os.getloadavg()[0], 1),  # a shared machine: read the ratios, not the ms
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "segments.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

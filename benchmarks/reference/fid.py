@@ -110,7 +110,7 @@ def fid_fmnist(
 
 
 def fid_with_interval(
-    images: torch.Tensor, reps: int = 50, level: float = 0.9, seed: int = 0, net: FeatureNet | None = None
+    images: torch.Tensor, reps: int = 30, level: float = 0.9, seed: int = 0, net: FeatureNet | None = None
 ) -> tuple[float, float, float]:
     """FID-FMNIST of ``images`` and a bootstrap ``level`` interval (resampling the images, features once).
 

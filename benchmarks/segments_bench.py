@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Segment lowering: host-dispatch overhead (CPU)",
         "",
         f"torch {meta['torch']}, {meta['threads']} threads, batch 2, median of {args.repeats} calls per row. "
-        "miss = every block computes (forced), hit = every block predicted (τ = 10, reuse).",
+        "miss = every block computes (forced), hit = every block predicted (τ = 10, reuse). "
+        f"1-minute load average {meta['load_average_1min']} on {os.cpu_count()} cores: with a shared machine the "
+        "absolute times are contention, compare within a row.",
         "",
         "| model | lowering | step | cond ms | segments ms | segments / cond | overhead ms / block |",
         "|---|---|---|---:|---:|---:|---:|",

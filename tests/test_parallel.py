@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import operator
 import os
 import socket
 import warnings
@@ -222,7 +223,7 @@ def _toy_graph(gather: bool) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
     g = fx.Graph()
     x, txt = g.placeholder("x"), g.placeholder("txt")
     pieces = g.call_method("chunk", (x, 2), {"dim": 1})
-    shard = g.call_function(__import__("operator").getitem, (pieces, 1))
+    shard = g.call_function(operator.getitem, (pieces, 1))
     y = g.call_function(torch.add, (shard, txt))
     nodes = {"x": x, "txt": txt, "shard": shard, "y": y}
     if gather:

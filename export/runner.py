@@ -85,7 +85,7 @@ def _placeholder_graph(inputs: Sequence[Mapping[str, Any]]) -> fx.GraphModule:
     return fx.GraphModule(nn.Module(), graph)
 
 
-def _inference_only() -> Any:
+def _inference_only(_args: Any = None) -> Any:
     raise ValueError("an exported FastCache model is inference-only: pass inputs that do not require grad")
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from . import calibration as _calibration
-from .config import FastCacheConfig
+from .config import FastCacheConfig, check_token_count
 from .diffusers_hooks import Refusing, traced_owners
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
 from .passes.retarget import clone_graph_module
@@ -113,6 +113,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FastCach
                     static_w=calib.stack_params().get("w") if calib is not None and form != "reuse" else None,
                 )
                 num_tokens = plan.num_tokens
+                check_token_count(config, num_tokens)
             except TokenPlanError as err:
                 _warn_once(f"fastcache: token selection/merging not applied ({err}); using block-level caching only")
         if num_tokens is None:

@@ -45,9 +45,11 @@ NEW_DEFAULT = Plan(
     (),
     fora=(2, 3), fbc=(0.1, 0.2), teacache=(0.1, 0.3), diffusers_fbc=(0.1,), pab=(2,),
     taylorseer=((2, 1), (3, 1), (2, 2), (3, 2)), magcache=(0.06,),
+    # Bn ≥ 1: with Bn = 0, cache-dit 1.5.3 looks up a "Bn_residual" state after a context refresh that
+    # it never wrote (AssertionError on the trained model's second generation).
     cachedit=(
-        (1, 0, 0.08, 0), (1, 0, 0.16, 0), (4, 0, 0.08, 0), (4, 0, 0.16, 0), (2, 2, 0.12, 0),
-        (1, 0, 0.08, 1), (1, 0, 0.16, 1), (4, 0, 0.16, 1), (1, 0, 0.16, 2),
+        (1, 1, 0.08, 0), (1, 1, 0.16, 0), (4, 1, 0.16, 0), (2, 2, 0.12, 0),
+        (1, 1, 0.08, 1), (1, 1, 0.16, 1), (4, 1, 0.16, 1), (1, 1, 0.16, 2),
     ),
     probe=False,  # the probe's notes describe DiT; the rows above cover diffusers' hooks on the MMDiT
 )  # fmt: skip

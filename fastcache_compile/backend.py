@@ -20,6 +20,7 @@ from . import calibration as _calibration
 from .config import FastCacheConfig, check_token_count
 from .diffusers_hooks import Refusing, traced_owners
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
+from .passes.insert_cache import state_history
 from .passes.retarget import clone_graph_module
 from .passes.select_tokens import TokenPlanError, insert_token_select
 from .runtime import CacheRuntime, Variant, _warn_once, _warned  # noqa: F401  (_warned: tests clear it)
@@ -33,6 +34,28 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> 
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, list(example_inputs))
+
+
+_SEGMENTED = ("segments", "tensorrt")
+
+
+def _block_cache(outlined: fx.GraphModule, config: FastCacheConfig, form: str, params: Any) -> Callable:
+    """The cached variant: one graph with a ``torch.cond`` per block, or (``lowering="segments"`` /
+    ``"tensorrt"``) static segments with the decision read on the host between them."""
+    if config.lowering not in _SEGMENTED:
+        return insert_cache(outlined, config.threshold, config.alpha, form, params, audit=config.audit)
+    if form == "forecast" or config.audit:
+        raise ValueError(
+            "approximation='forecast' and audit=True are not available with segment lowerings yet; "
+            "use lowering='inductor' (or approximation='trajectory', audit=False)"
+        )
+    from .passes.segments import split_segments
+    from .segments import SegmentRunner, inductor
+
+    lower = inductor
+    if config.lowering == "tensorrt":
+        from .export.tensorrt_segments import tensorrt_lowering as lower  # ImportError names the package
+    return SegmentRunner(split_segments(outlined, config.threshold, config.alpha, form, params), lower)
 
 
 def _outlined(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
@@ -117,8 +140,8 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FastCach
             except TokenPlanError as err:
                 _warn_once(f"fastcache: token selection/merging not applied ({err}); using block-level caching only")
         if num_tokens is None:
-            cached = insert_cache(cached, config.threshold, config.alpha, form, params)
-            init = insert_recording(_outlined(graph, args))
+            cached = _block_cache(cached, config, form, params)
+            init = insert_recording(_outlined(graph, args), history=state_history(form, params))
         n_out = cached.meta["fastcache_num_outputs"]
         seq = cached.meta["fastcache_output_is_seq"]
         init_fn = _lower(init, [*args, torch.tensor(0.0)], config.lowering)
@@ -127,10 +150,14 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FastCach
 
         def cached_fn(*call_args: Any) -> Any:
             if "fn" not in lazy:
-                lazy["fn"] = _lower(cached, call_args, config.lowering)
+                # a segment program lowers its own segments, one static graph each
+                segmented = config.lowering in _SEGMENTED
+                lazy["fn"] = cached if segmented else _lower(cached, call_args, config.lowering)
             return lazy["fn"](*call_args)
 
-        return Variant(init_fn, cached_fn, n_out, seq, cached.meta["fastcache_layouts"], fingerprint, num_tokens)
+        layouts = cached.meta["fastcache_layouts"]
+        audit = config.audit and num_tokens is None
+        return Variant(init_fn, cached_fn, n_out, seq, layouts, fingerprint, num_tokens, audit=audit)
 
     def plain(args: Sequence[Any]) -> Callable:
         # Lowered with the call's own inputs: holding the first call's would keep that model alive.

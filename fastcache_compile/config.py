@@ -8,11 +8,11 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-Lowering = Literal["inductor", "eager"]
-Approximation = Literal["auto", "reuse", "trajectory", "linear", "direct"]
+Lowering = Literal["inductor", "eager", "segments", "tensorrt"]
+Approximation = Literal["auto", "reuse", "trajectory", "linear", "direct", "forecast"]
 
-_LOWERINGS = ("inductor", "eager")
-_APPROXIMATIONS = ("auto", "reuse", "trajectory", "linear", "direct")
+_LOWERINGS = ("inductor", "eager", "segments", "tensorrt")
+_APPROXIMATIONS = ("auto", "reuse", "trajectory", "linear", "direct", "forecast")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,13 @@ class FastCacheConfig:
         for name in ("token_select", "token_merge", "audit"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.audit and (self.token_select or self.token_merge):
+            raise ValueError("audit=True covers block-level caching only: turn token_select/token_merge off for it")
+        if self.lowering in ("segments", "tensorrt") and (self.token_select or self.token_merge):
+            raise ValueError(
+                f"token_select/token_merge need the in-graph cond form: use lowering='inductor' or 'eager' "
+                f"with them, not {self.lowering!r}"
+            )
         buckets = self.token_buckets
         if (
             not isinstance(buckets, (tuple, list))

@@ -50,6 +50,17 @@ class Stats:
     token_calls: int = 0
     token_hist: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> (N+1,) calls per k
     num_tokens: int | None = None  # N of the last token-mode call
+    audit: tuple[torch.Tensor, ...] | None = None  # (skips, violations, max error, error sum), running
+
+    def add_audit(self, computed: torch.Tensor, err: torch.Tensor, tau: float) -> None:
+        skipped = ~computed.bool()  # (num_blocks,)
+        e = torch.where(skipped, err.float(), torch.zeros_like(err, dtype=torch.float32))
+        vals = (skipped.sum(), ((e > tau) & skipped).sum(), e.amax(), e.sum())
+        if self.audit is None:
+            self.audit = vals
+        else:
+            a = self.audit
+            self.audit = (a[0] + vals[0], a[1] + vals[1], torch.maximum(a[2], vals[2]), a[3] + vals[3])
 
     def add(self, computed: torch.Tensor, tokens_run: torch.Tensor | None, num_tokens: int | None) -> None:
         self.calls += 1
@@ -146,6 +157,15 @@ def summarize(parts: list[tuple[Any, Part]], generations: int) -> dict[str, Any]
         "work_fraction": work / calls if calls else 1.0,
         "skip_ratio": skipped / (calls * len(per_block)) if calls and per_block else 0.0,
     }
+    audits = [p.stats.audit for _, p in parts if p.stats.audit is not None]
+    if audits:
+        n = sum(int(a[0]) for a in audits)
+        out["audit"] = {
+            "skips": n,
+            "violations": sum(int(a[1]) for a in audits),  # relative output error > τ
+            "max_error": max(float(a[2]) for a in audits),
+            "mean_error": sum(float(a[3]) for a in audits) / max(n, 1),
+        }
     token_calls = sum(p.stats.token_calls for _, p in parts)
     if token_calls:
         hist: dict[int, int] = {}

@@ -74,6 +74,7 @@ class Variant:
     layouts: list[Any]
     fingerprint: dict[str, Any] | None = None
     num_tokens: int | None = None  # token selection on: the block stack's token count N
+    audit: bool = False  # the cached graph also returns each skipped block's true relative error
 
 
 class CacheRuntime:
@@ -223,6 +224,8 @@ class CacheRuntime:
             force = force or recorder is not None  # calibration records full computations
             outs = variant.cached(*args, *slot.state, step_t, torch.tensor(force))
         outs = list(outs)
+        # audit: (..., computed, audit_errors) from the cached graph; the init graph computes everything
+        audit_err = outs.pop() if variant.audit and slot.state is not None else None
         # token mode: (*outputs, *state, computed, tokens_run); the count stays a tensor (no host sync)
         tokens_run = outs.pop() if variant.num_tokens is not None else None
         computed = outs[-1]
@@ -233,6 +236,8 @@ class CacheRuntime:
         if recorder is not None:
             recorder(part, key, step, slot.state, variant)
         part.stats.add(computed, tokens_run, variant.num_tokens)
+        if audit_err is not None:
+            part.stats.add_audit(computed, audit_err, cfg.threshold)
         return tuple(outs[:n_out]) if variant.seq_output else outs[0]
 
 

@@ -442,6 +442,9 @@ def insert_token_select(
         # Each rank holds a sequence shard: per-rank top-k and kNN merging would pick different token
         # counts on each rank and break the shape agreement of the all-to-all.
         raise TokenPlanError(f"the graph runs context parallel collectives over process group {group!r}")
+    if form == "forecast":
+        # the token stack's state keeps two residuals per block; the forecaster's K-step history is not wired
+        raise TokenPlanError("approximation='forecast' is not supported with token selection yet")
     gm = split_stack(clone_graph_module(outlined))
     stack_args = _capture_stack_args(gm, args)
     plan = plan_tokens(gm, stack_args)

@@ -166,3 +166,12 @@ def test_damaged_metadata(tmp_path):
     save_file(_tensors(), str(tmp_path / "m.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="damaged fingerprint"):
         calibration.load(tmp_path / "m.safetensors")
+
+
+def test_segment_lowerings_refuse_token_options() -> None:
+    from fastcache_compile import FastCacheConfig
+
+    assert FastCacheConfig(lowering="segments").lowering == "segments"
+    for lowering in ("segments", "tensorrt"):
+        with pytest.raises(ValueError, match="in-graph cond form"):
+            FastCacheConfig(lowering=lowering, token_select=True)

@@ -9,6 +9,16 @@ onnx / onnxruntime / tensorrt are optional dependencies, imported when these fun
 
 from .onnx import export_onnx
 from .runner import ExportedModel, load_exported
+from .segments_onnx import export_segments, load_segments
 from .tensorrt import export_tensorrt
+from .tensorrt_segments import build_segment_engines
 
-__all__ = ["ExportedModel", "export_onnx", "export_tensorrt", "load_exported"]
+__all__ = [
+    "ExportedModel",
+    "build_segment_engines",
+    "export_onnx",
+    "export_segments",
+    "export_tensorrt",
+    "load_exported",
+    "load_segments",
+]

@@ -270,4 +270,9 @@ def load_exported(
         )
     if model is not None:
         _check_model(model, manifest)
+    if manifest.get("layout") == "segments":
+        # one graph per static segment, decided on the host (export_segments)
+        from .segments_onnx import SegmentsModel
+
+        return SegmentsModel(directory, manifest, _providers(provider), session_options, **overrides)
     return ExportedModel(directory, manifest, _providers(provider), session_options, **overrides)

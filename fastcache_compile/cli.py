@@ -215,12 +215,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, export_tensorrt
+    from .export import build_segment_engines, export_onnx, export_segments, export_tensorrt
     from .export.tensorrt import _import_tensorrt
 
     say = _say(time.perf_counter())
+    # TensorRT takes the segment layout by default: its If conditional fails on an Attention node inside
+    layout = args.layout or ("segments" if args.format == "tensorrt" else "if")
     if args.format == "tensorrt":
         _import_tensorrt()  # fail before the (slow) ONNX export, not after it
+        if layout == "if":
+            say("warning: TensorRT from the If layout is experimental (TensorRT 10.16 fails on Attention in If)")
     options = _options(args, None)
     say(f"loading model {args.model!r}")
     loaded = load_model(args.model)
@@ -228,8 +232,11 @@ def _export(args: argparse.Namespace) -> int:
         model, example = loaded
     else:  # --batch applies to reference models: one exported signature per batch size
         model, example = loaded.transformer, [reference_inputs(loaded, b) for b in args.batch]
-    out = export_onnx(model, example, args.out, progress=say, verify=not args.no_verify, **options)
-    if args.format == "tensorrt":
+    export = export_segments if layout == "segments" else export_onnx
+    out = export(model, example, args.out, progress=say, verify=not args.no_verify, **options)
+    if args.format == "tensorrt" and layout == "segments":
+        build_segment_engines(out, out, progress=say)  # strongly typed: precision from the exported dtypes
+    elif args.format == "tensorrt":
         export_tensorrt(out, out, fp16=args.fp16, progress=say)
     say(f"done: {out}")
     return 0
@@ -261,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = commands.add_parser("export", help="export the cache-rewritten model for deployment")
     exp.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    exp.add_argument(
+        "--layout",
+        choices=("if", "segments"),
+        default=None,
+        help="'if': one graph with ONNX If per block (ONNX Runtime); 'segments': one graph per static segment, "
+        "decided on the host (default for --format tensorrt)",
+    )
     exp.add_argument("--model", required=True, help=model_help + "; a factory may return (model, kwargs)")
     exp.add_argument("--out", required=True, help="output directory")
     _cache_options(exp, lowering=False)

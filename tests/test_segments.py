@@ -230,6 +230,8 @@ def test_onnx_segments_match_and_hold_no_if(tmp_path):
         ops = {n.op_type for n in proto.graph.node} | {n.op_type for fn in proto.functions for n in fn.node}
         assert "If" not in ops, f.name
     runner = load_segments(tmp_path)
+    # load_exported reads the layout from the manifest and gives the same segment runner
+    assert type(fc.load_exported(tmp_path)) is type(runner)
     out = sample(runner, case, batch=1, cfg="split", steps=8)
     ref_model = compile_eager(model, **options)
     ref = sample(ref_model, case, batch=1, cfg="split", steps=8)

@@ -156,6 +156,10 @@ def summarize(parts: list[tuple[Any, Part]], generations: int) -> dict[str, Any]
         # share of the block stack's token-blocks that ran: block skips and token selection together
         "work_fraction": work / calls if calls else 1.0,
         "skip_ratio": skipped / (calls * len(per_block)) if calls and per_block else 0.0,
+        # cache tensors held now, all streams and graphs: what caching adds to the model's memory
+        "state_bytes": sum(
+            t.numel() * t.element_size() for _, p in parts for sl in p.slots.values() for t in (sl.state or ())
+        ),
     }
     audits = [p.stats.audit for _, p in parts if p.stats.audit is not None]
     if audits:

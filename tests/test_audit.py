@@ -55,3 +55,15 @@ def test_forecast_at_tau_zero_equals_uncached(tiny) -> None:
 def test_audit_refused_beside_token_options() -> None:
     with pytest.raises(ValueError, match="audit=True covers block-level caching only"):
         fc.FastCacheConfig(audit=True, token_select=True)
+
+
+def test_state_bytes_worked_by_hand() -> None:
+    # TinyDiT defaults: 8×8 input, patch 2 → N = 16 tokens, D = 64, 4 blocks. One stream of batch 2 keeps
+    # per block x̂, r̂, r̂′ of (2, 16, 64) float32 plus the steps s, s′ (two float32 scalars).
+    case = CASES["handwritten"]
+    compiled = compile_eager(case.build(), threshold=0.1)
+    sample(compiled, case, batch=2, steps=4, cfg=None)
+    per_block = 3 * 2 * 16 * 64 * 4 + 2 * 4
+    assert fc.stats(compiled)["state_bytes"] == 4 * per_block
+    fc.reset(compiled)
+    assert fc.stats(compiled)["state_bytes"] == 0

@@ -60,8 +60,9 @@ NEW_DEFAULT = Plan(
 # README demo: eager only (no Inductor compile), so a cold machine finishes in minutes.
 NEW_QUICK = Plan(
     "quick", 32, 16, 20, 8, 2,
-    (("auto", 0.1, "eager"),),
+    (("forecast", 0.2, "eager"),),  # the shipped calibration holds the fitted forecaster
     (),
+    fora=(2,),  # the best peer at >= 30 dB in the full comparison
     taylorseer=((2, 2),),
     # F1B1: F1B0 + TaylorSeer failed after the context refresh on the trained model (cache-dit looks up
     # a "Bn_residual" state that Bn=0 never writes); F1B1 passes the same refresh in tests/test_peers.py.

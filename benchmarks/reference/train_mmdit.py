@@ -32,6 +32,13 @@ from fastcache_compile.reference import DEFAULT_PATH, NULL_ROW
 PROMPT_TOKENS = 4
 
 
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
+
+
 def build_model(layers: int, heads: int, head_dim: int, patch: int, joint_dim: int, pooled_dim: int):
     return SD3Transformer2DModel(
         sample_size=32,
@@ -103,7 +110,9 @@ def main() -> None:
     ema, ema_enc = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(enc).requires_grad_(False)
     params = [*model.parameters(), *enc.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    step, wall_before, log = 0, 0.0, {"args": {k: str(v) for k, v in vars(args).items()}, "loss": []}
+    # paths are logged as given, relative to the repository when inside it (no machine paths in the repo)
+    logged = {k: _relative(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}
+    step, wall_before, log = 0, 0.0, {"args": logged, "loss": []}
     if args.resume:
         st = torch.load(args.state, weights_only=False)
         model.load_state_dict(st["model"])

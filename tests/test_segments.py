@@ -16,6 +16,7 @@ import torch
 
 import fastcache_compile as fc
 import fastcache_compile.backend as backend_mod
+import fastcache_compile.segments as segments_mod
 from fastcache_compile.backend import _outlined
 from fastcache_compile.passes import insert_cache, insert_recording
 from fastcache_compile.passes.segments import split_segments
@@ -102,10 +103,11 @@ def test_segments_equal_cond_form(captured, name):
 
 
 def _segments_backend(monkeypatch, lower):
-    """Stand-in for ``lowering="segments"`` until the backend is wired: the runtime's Variant.cached
-    becomes a SegmentRunner (with eager lowering the backend hands the cached object back as is)."""
+    """``lowering="segments"`` with another per-segment lowering (eager, for bitwise comparison with the
+    eager cond form): the runtime's Variant.cached becomes a SegmentRunner."""
 
-    def build(gm, tau, alpha, form="reuse", params=None):
+    def build(gm, tau, alpha, form="reuse", params=None, audit=False):
+        assert not audit
         return SegmentRunner(split_segments(gm, tau, alpha, form, params), lower)
 
     monkeypatch.setattr(backend_mod, "insert_cache", build)
@@ -137,6 +139,7 @@ def test_inductor_per_segment(monkeypatch):
     options = {"threshold": 0.3, "warmup_steps": 1}
     ref_model = compile_eager(model, **options)
     ref = sample(ref_model, case, cfg=None, steps=6)
+    ref_skipped = fc.stats(ref_model)["per_block_skipped"]  # read before the reset drops its graphs
     torch._dynamo.reset()
     lowered = []
 
@@ -144,10 +147,12 @@ def test_inductor_per_segment(monkeypatch):
         lowered.append(gm)
         return inductor(gm, example_inputs)
 
-    _segments_backend(monkeypatch, counting)
-    seg_model = compile_eager(model, **options)
+    # the real option: the backend builds the segment program and lowers each segment with Inductor
+    monkeypatch.setattr(segments_mod, "inductor", counting)
+    seg_model = torch.compile(model, backend="fastcache", options={"lowering": "segments", **options}, fullgraph=True)
     out = sample(seg_model, case, cfg=None, steps=6)
-    assert fc.stats(seg_model)["per_block_skipped"] == fc.stats(ref_model)["per_block_skipped"]
+    assert lowered  # the segments went through the per-segment lowering
+    assert fc.stats(seg_model)["per_block_skipped"] == ref_skipped
     assert fc.stats(seg_model)["blocks_skipped"] > 0
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert len(lowered) == len({id(g) for g in lowered})  # each segment compiled once: no recompiles

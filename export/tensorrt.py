@@ -32,7 +32,7 @@ def _import_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError as err:
         raise ImportError(
-            "export_tensorrt needs the TensorRT Python package and an NVIDIA GPU: pip install tensorrt "
+            "building TensorRT engines needs the TensorRT Python package and an NVIDIA GPU: pip install tensorrt "
             "(or use load_exported(..., provider='TensorrtExecutionProvider') with onnxruntime-gpu)"
         ) from err
     return trt

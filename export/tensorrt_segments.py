@@ -32,18 +32,9 @@ import torch
 from torch import fx
 
 from . import _manifest
+from .tensorrt import _import_tensorrt
 
 log = logging.getLogger(__name__)
-
-
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise ImportError(
-            "building TensorRT engines needs the TensorRT Python package and an NVIDIA GPU: pip install tensorrt"
-        ) from err
-    return trt
 
 
 def _import_torch_tensorrt() -> Any:

@@ -283,7 +283,6 @@ def export_onnx(
     ``verify`` runs every graph once under ONNX Runtime (when installed) against the torch graph.
     Returns the directory; load it with ``fastcache_compile.export.load_exported``.
     """
-    import onnx
 
     say = progress or log.info
     config = FastCacheConfig.from_options(options)
@@ -307,6 +306,28 @@ def export_onnx(
     if calib is not None:
         shutil.copyfile(config.calibration, directory / CALIBRATION_FILE)  # the maps are graph constants too
         files.append(CALIBRATION_FILE)
+    manifest = manifest_head(model, directory, variants, config, form, calib, variants[0]["cached"])
+    manifest["positional"] = positional_names(model)  # lets the runner take positional arguments too
+    manifest["files"] = _manifest.file_sizes(directory, files)
+    manifest["variants"] = variants
+    _manifest.write(directory, manifest)
+    say(f"wrote {len(variants) * 2} ONNX graphs and {_manifest.MANIFEST} to {directory}")
+    return directory
+
+
+def manifest_head(
+    model: nn.Module,
+    directory: Path,
+    variants: list[dict[str, Any]],
+    config: FastCacheConfig,
+    form: str,
+    calib: Any,
+    opset_graph: str,
+) -> dict[str, Any]:
+    """The manifest keys every layout shares. Also gives each variant's inputs their roles and checks that
+    all variants trace one block structure (their fingerprints are popped: the manifest holds one)."""
+    import onnx
+
     for v in variants:
         for spec, role in zip(v["inputs"], input_roles(v["inputs"])):
             spec["role"] = role  # timestep / conditioning (selects the state slot) / latent
@@ -314,13 +335,13 @@ def export_onnx(
     for v in variants[1:]:
         if v.pop("fingerprint") != fingerprint:
             raise ValueError("the example inputs trace different block structures; export them separately")
-    manifest = {
+    return {
         "format": _manifest.FORMAT,
         "format_version": _manifest.FORMAT_VERSION,
         "fastcache_version": __version__,
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
-        "opset": onnx.load(str(directory / variants[0]["cached"]), load_external_data=False).opset_import[0].version,
+        "opset": onnx.load(str(directory / opset_graph), load_external_data=False).opset_import[0].version,
         "config": {
             "threshold": config.threshold,
             "alpha": config.alpha,
@@ -335,10 +356,4 @@ def export_onnx(
         "fingerprint": fingerprint,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_config": _model_config(model),
-        "positional": positional_names(model),  # lets the runner take positional arguments too
-        "files": _manifest.file_sizes(directory, files),
-        "variants": variants,
     }
-    _manifest.write(directory, manifest)
-    say(f"wrote {len(variants) * 2} ONNX graphs and {_manifest.MANIFEST} to {directory}")
-    return directory

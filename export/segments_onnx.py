@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fastcache_compile import __version__
 from fastcache_compile import calibration as _calibration
 from fastcache_compile.backend import _outlined, resolve_form
 from fastcache_compile.config import FastCacheConfig
@@ -36,8 +35,8 @@ from fastcache_compile.segments import SegmentRunner
 
 from . import _manifest
 from ._graph import export_graph, verify_graph
-from .onnx import CALIBRATION_FILE, _classify, _model_config, _output_info, _Rewritten, capture
-from .runner import ExportedModel, _providers, _Session, input_roles
+from .onnx import CALIBRATION_FILE, _classify, _output_info, _Rewritten, capture, manifest_head
+from .runner import ExportedModel, _providers, _Session
 
 log = logging.getLogger(__name__)
 LAYOUT = "segments"
@@ -188,7 +187,6 @@ def export_segments(
     **options: Any,
 ) -> Path:
     """Like ``export_onnx`` (same arguments and options), in the segment layout; returns the directory."""
-    import onnx
 
     say = progress or log.info
     config = FastCacheConfig.from_options(options)
@@ -209,37 +207,8 @@ def export_segments(
     ]
     if calib is not None:
         shutil.copyfile(config.calibration, directory / CALIBRATION_FILE)
-    for v in variants:
-        for spec, role in zip(v["inputs"], input_roles(v["inputs"])):
-            spec["role"] = role
-    fingerprint = variants[0].pop("fingerprint")
-    for v in variants[1:]:
-        if v.pop("fingerprint") != fingerprint:
-            raise ValueError("the example inputs trace different block structures; export them separately")
-    manifest = {
-        "format": _manifest.FORMAT,
-        "format_version": _manifest.FORMAT_VERSION,
-        "layout": LAYOUT,
-        "fastcache_version": __version__,
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "opset": onnx.load(str(directory / variants[0]["init"]), load_external_data=False).opset_import[0].version,
-        "config": {
-            "threshold": config.threshold,
-            "alpha": config.alpha,
-            "approximation": form,
-            "warmup_steps": config.warmup_steps,
-            "num_steps": config.num_steps,
-            "max_streams": config.max_streams,
-        },
-        "calibration": None
-        if calib is None
-        else {"file": CALIBRATION_FILE, "recommended": calib.recommended, "metrics": calib.metrics},
-        "fingerprint": fingerprint,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "model_config": _model_config(model),
-        "variants": variants,
-    }
+    manifest = {"layout": LAYOUT, **manifest_head(model, directory, variants, config, form, calib, variants[0]["init"])}
+    manifest["variants"] = variants
     _manifest.write(directory, manifest)
     n_graphs = sum(1 + 3 * len(v["blocks"]) + (v["post"] is not None) for v in variants)
     say(f"wrote {n_graphs} ONNX graphs (no If) and {_manifest.MANIFEST} to {directory}")

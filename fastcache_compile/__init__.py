@@ -13,6 +13,7 @@ import torch
 from .backend import fastcache_backend
 from .calibration import Calibration, calibrate
 from .config import FastCacheConfig
+from .context_parallel import prepare_context_parallel
 from .diffusers_hooks import cache_hooks, refusal
 from .runtime import owners_of_model
 
@@ -24,6 +25,7 @@ __all__ = [
     "export_tensorrt",
     "fastcache_backend",
     "load_exported",
+    "prepare_context_parallel",
     "reset",
     "stats",
 ]

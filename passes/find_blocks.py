@@ -114,10 +114,33 @@ def _by_parameter_names(
     return members, {key: key[0] for key in members}
 
 
+_HOOK_FRAME = re.compile(r'File "[^"]*[/\\]diffusers[/\\]hooks[/\\][^"]*"')
+
+
+def _hook_frame(node: fx.Node) -> bool:
+    """Whether the node's innermost source frame is diffusers hook code (not the block's own)."""
+    frames = [line for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File")]
+    return bool(frames) and _HOOK_FRAME.search(frames[-1]) is not None
+
+
+def _without_hook_prologue(nodes: list[fx.Node]) -> list[fx.Node]:
+    """Drop the leading nodes a diffusers ``pre_forward`` hook adds to a block (context parallelism
+    shards ``blocks.0``'s input there): they carry the member's module stack, but inside the block
+    they would make its cached stream the unsharded input, which no output pairs with."""
+    members, prologue = set(nodes), set()
+    for node in nodes:
+        inputs = [a for a in node.all_input_nodes if a in members]
+        if not _hook_frame(node) or any(a not in prologue for a in inputs):
+            break
+        prologue.add(node)
+    return [n for n in nodes if n not in prologue]
+
+
 def find_blocks(gm: fx.GraphModule) -> fx.GraphModule:
     members, family = _by_module_stack(gm)
     if not members:
         members, family = _by_parameter_names(gm)
+    members = {key: _without_hook_prologue(nodes) for key, nodes in members.items()}
 
     by_stack: dict[str, list[int]] = defaultdict(list)
     for stack, layer in members:

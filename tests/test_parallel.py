@@ -32,10 +32,7 @@ TAU = 0.15
 OPTS = {"lowering": "eager", "threshold": TAU, "warmup_steps": 1}
 # Flux's CP plan splits the text tokens as well: they must divide by the degree (tests/models.py uses 5).
 FLUX_TXT = 6
-# Wan under CP does not trace with fullgraph=True in diffusers 0.42: its hook calls logger.warning_once
-# (1-D timestep vs the plan's 2-D split) and an unsupported hasattr in _prepare_cp_input.
-CP_CASES = ("flux",)
-WAN_BROKEN = "diffusers 0.42 Wan context-parallel hooks break fullgraph tracing (warning_once, hasattr)"
+CP_CASES = ("flux", "wan")
 
 
 def _inputs(name: str) -> tuple[torch.Tensor, dict]:
@@ -86,20 +83,38 @@ def _uneven_reduction(rank: int) -> dict:
     return {"uneven": float(got), "uneven_expected": float(rule.relative_change([x, txt], [ref, txt_ref]))}
 
 
-def _worker(rank: int, port: int, out_dir: str, calib_path: str) -> None:
+def _cold_wan_error(cp) -> str:
+    """A cold Wan under CP without prepare_context_parallel: diffusers' hooks break the fullgraph trace
+    (it fails before any collective, so both ranks fail alike and nothing hangs)."""
+    model = CASES["wan"].build()
+    model.enable_parallelism(config=cp)
+    try:
+        _run_cached(model, "wan")
+    except Exception as e:  # Dynamo's Unsupported, wrapped differently across torch versions
+        return type(e).__name__ + ": " + str(e).split("\n")[0]
+    return ""
+
+
+def _init(rank: int, port: int, timeout_s: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # A divergence shows as a collective timeout; keep it short so the test fails instead of hanging.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=timeout_s))
     # diffusers 0.42 computes ``rank % torch.accelerator.device_count()``, which is 0 on a CPU-only host.
     torch.accelerator.device_count = lambda: 1
+
+
+def _worker(rank: int, port: int, out_dir: str, calib_path: str) -> None:
+    _init(rank, port, 60)
     from diffusers import ContextParallelConfig
 
     res: dict = _uneven_reduction(rank)
     cp = ContextParallelConfig(ulysses_degree=WORLD)
+    res["wan_cold_error"] = _cold_wan_error(cp)  # before prepare_context_parallel registers anything
     for name in CP_CASES:
         model = CASES[name].build()
         model.enable_parallelism(config=cp)
+        res[f"{name}_prepared"] = fastcache_compile.prepare_context_parallel(model)
         res[f"{name}_out"], res[f"{name}_skips"], res[f"{name}_gens"] = _run_cached(model, name)
         if name == "flux":
             res["flux_tau0"] = _run_cached(model, name, threshold=0.0)[0]
@@ -118,6 +133,19 @@ def _worker(rank: int, port: int, out_dir: str, calib_path: str) -> None:
     res["cfg_pred"] = _euler(cm, name, cond_override=branch)
     res["cfg_skips"] = fastcache_compile.stats(cm)["per_block_skipped"]
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _inductor_worker(rank: int, port: int, out_dir: str) -> None:
+    _init(rank, port, 300)  # Inductor compiles each rank's graph before the first collective
+    from diffusers import ContextParallelConfig
+
+    model = CASES["flux"].build()
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    fastcache_compile.prepare_context_parallel(model)
+    out, skips, _ = _run_cached(model, "flux", lowering="inductor")
+    torch.save({"out": out, "skips": skips}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -176,7 +204,7 @@ def test_uneven_shards_reduce_exactly(ranks):
         assert res["uneven"] == pytest.approx(res["uneven_expected"], rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["flux", pytest.param("wan", marks=pytest.mark.skip(reason=WAN_BROKEN))])
+@pytest.mark.parametrize("name", CP_CASES)
 def test_context_parallel_matches_single_process(ranks, single, name):
     skips = [res[f"{name}_skips"] for res in ranks]
     assert skips[0] == skips[1] == single[f"{name}_skips"]
@@ -184,6 +212,27 @@ def test_context_parallel_matches_single_process(ranks, single, name):
     for res in ranks:
         torch.testing.assert_close(res[f"{name}_out"], single[f"{name}_out"], atol=1e-5, rtol=0)
         assert res[f"{name}_gens"] == 1  # step / generation logic sees the replicated timestep
+
+
+@pytest.mark.slow  # ~75 s on 2 cores: Inductor compiles the cached graph on both ranks
+def test_context_parallel_under_inductor(tmp_path, flux_txt, single):
+    mp.start_processes(_inductor_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork")
+    torch._dynamo.reset()
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["skips"] == single["flux_skips"]
+        torch.testing.assert_close(res["out"], single["flux_out"], atol=1e-4, rtol=0)
+
+
+def test_wan_needs_prepare_for_a_cold_fullgraph_compile(ranks):
+    for res in ranks:
+        assert "Unsupported" in res["wan_cold_error"] or "logging" in res["wan_cold_error"], res["wan_cold_error"]
+        assert res["wan_prepared"] > 0 and res["flux_prepared"] > 0
+
+
+def test_prepare_without_parallelism_changes_nothing():
+    model = CASES["wan"].build()
+    assert fastcache_compile.prepare_context_parallel(model) == 0
 
 
 def test_tau_zero_equals_uncached(ranks, single):

@@ -1,6 +1,7 @@
 """Sweep FastCache, its peers and the cache baselines on the reference models; write one report per model.
 
     python -m benchmarks.compare --quick              # README demo: new MMDiT, a few minutes, eager only
+    python -m benchmarks.compare --small              # per-call overhead: new MMDiT at batch 8, eager only
     python -m benchmarks.compare [--model new|old|both] [--samples N] [--out DIR]
 
 ``new`` is the reference MMDiT (rectified flow, Euler, CFG; the primary model); ``old`` the earlier
@@ -248,7 +249,7 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The whole sweep for one model; writes its report into ``out`` and returns the metadata."""
     start = time.perf_counter()
     subject = subjects.load(name, args.checkpoint if name == "new" else None)
-    plan = PLANS[(name, "quick" if args.quick else "default")]
+    plan = PLANS[(name, _mode(args))]
     over = {k: getattr(args, k) for k in ("samples", "batch", "steps") if getattr(args, k) is not None}
     plan = dataclasses.replace(plan, **over)
     if plan.steps is None or plan.steps < 3:
@@ -322,9 +323,14 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return meta
 
 
+def _mode(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "small" if args.small else "default"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="README demo: new MMDiT, 32 samples, eager rows only")
+    ap.add_argument("--small", action="store_true", help="per-call overhead: new MMDiT, batch 8, eager rows only")
     ap.add_argument("--model", choices=("new", "old", "both"), help="default: new with --quick, else both")
     ap.add_argument("--checkpoint", type=Path, help="folder of the new reference model (default: the shipped one)")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results[/quick]; old model: old-dit/)")
@@ -352,9 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     # Every compiled row keeps its own compiled model alive through the interleaved timing.
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
-    names = [args.model or ("new" if args.quick else "both")]
+    mode = _mode(args)
+    names = [args.model or ("new" if mode != "default" else "both")]
     names = ["new", "old"] if names == ["both"] else names
-    out = args.out or Path("benchmarks/results/quick" if args.quick else "benchmarks/results")
+    out = args.out or Path("benchmarks/results" + ("" if mode == "default" else f"/{mode}"))
     start = time.perf_counter()
     for name in names:
         run_model(name, args, out if name == "new" else out / "old-dit")

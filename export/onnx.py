@@ -28,6 +28,7 @@ from fastcache_compile import calibration as _calibration
 from fastcache_compile.backend import _outlined, resolve_form
 from fastcache_compile.config import FastCacheConfig
 from fastcache_compile.passes import insert_cache, insert_recording
+from fastcache_compile.passes.insert_cache import CachedBlock, state_history
 from fastcache_compile.runtime import _is_module_state
 
 from . import _manifest
@@ -189,8 +190,10 @@ def _export_variant(
     fingerprint = _calibration.graph_fingerprint(outlined, args)
     if calib is not None:
         calib.check(outlined, args)
-    cached = insert_cache(outlined, config.threshold, config.alpha, form, calib.block_params(form) if calib else None)
-    init = insert_recording(_outlined(gm, args))
+    params = calib.block_params(form) if calib else None
+    cached = insert_cache(outlined, config.threshold, config.alpha, form, params)
+    # the forecaster keeps K residuals per output: the init graph must emit the same state layout
+    init = insert_recording(_outlined(gm, args), history=state_history(form, params))
     layouts = cached.meta["fastcache_layouts"]
     n_out = cached.meta["fastcache_num_outputs"]
 
@@ -217,16 +220,22 @@ def _export_variant(
             verify_graph(cached_module, forced, directory / cached_file, cached_inputs)
 
     blocks, cursor = [], 0
-    for lay in layouts:
+    by_index = {m.layout.index: m for m in cached.children() if isinstance(m, CachedBlock)}
+    modules = [by_index[lay.index] for lay in layouts]
+    for lay, module in zip(layouts, modules):
         dof = sum(state[cursor + j].numel() for j in range(len(lay.streams)))  # x̂ has the stream shapes
+        cutoff = getattr(module, "_cutoff", None)  # the forecaster's conformal cutoff on ê, when fitted
         blocks.append(
             {
                 "index": lay.index,
                 "streams": list(lay.streams),
                 "pairs": list(lay.pairs),
+                "history": lay.history,
                 "state": state_names[cursor : cursor + lay.num_state],
                 "dof": dof,
+                "rule": "chi2" if cutoff is None else "conformal",
                 "chi2_threshold": rule.skip_threshold(config.threshold, config.alpha, dof),
+                "conformal_cutoff": None if cutoff is None else float(cutoff),
             }
         )
         cursor += lay.num_state

@@ -158,7 +158,9 @@ class ExportedModel:
         init = _Session(self.directory / v["init"], [*self._names, "fc_step"], outputs, *opts)
         cached_inputs = [*self._names, *state, "fc_step", "fc_force"]
         cached = _Session(self.directory / v["cached"], cached_inputs, outputs, *opts)
-        layouts = [BlockLayout(b["index"], tuple(b["streams"]), tuple(b["pairs"])) for b in v["blocks"]]
+        layouts = [
+            BlockLayout(b["index"], tuple(b["streams"]), tuple(b["pairs"]), b.get("history", 2)) for b in v["blocks"]
+        ]
         return Variant(init, cached, v["num_outputs"], v["seq_output"], layouts, self.manifest["fingerprint"])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -73,7 +73,8 @@ def select_weights(table: torch.Tensor, t: torch.Tensor, steps: list[torch.Tenso
     """(K,) weights for the current step ``t`` and computed steps ``steps = [s_1, …, s_K]`` (0-dim)."""
     s = torch.stack([t.float(), *[x.float() for x in steps]])  # (K + 1,)
     gaps = s[:-1] - s[1:]  # (K,)
-    return table[pattern_index(gaps, max_gap)]
+    # index_select, not table[i]: a 0-dim tensor index is data-dependent for torch.export (ONNX Gather)
+    return table.index_select(0, pattern_index(gaps, max_gap).reshape(1))[0]
 
 
 def forecast(x: torch.Tensor, residuals: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

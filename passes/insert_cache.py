@@ -235,6 +235,8 @@ class CachedBlock(_BlockBase):
         else:
             operands = tuple(o.contiguous() for o in operands)
         audit_out: tuple[torch.Tensor, ...] = ()
+        if not self.audit and not _tracing(operands):
+            return self._eager_branch(bool(compute), compute, args, xs, operands, run_block, predict, state)
         if self.audit:
             # Both paths on the actual input, no branch: the true outputs give the skipped block's
             # relative error (0 where it computed), at the cost of a full computation.
@@ -259,6 +261,25 @@ class CachedBlock(_BlockBase):
         newer_s = [step.float(), *steps[:-1]]
         new_steps = [torch.where(compute, n, o) for n, o in zip(newer_s, steps)]
         return (*outs, *new_x_hat, *new_res, *new_steps, compute, *audit_out)
+
+    def _eager_branch(self, computes: bool, compute, args, xs, operands, run_block, predict, state) -> tuple:
+        """Eager lowering: a Python branch instead of ``cond`` + ``where`` on every state tensor. The
+        decision is read on the host once (eager ``cond`` reads it too); a skipped block hands its state
+        back untouched and a computed one shifts its history without a select pass per tensor."""
+        lay = self.layout
+        x_hat, res_hist, steps = lay.split(state)
+        if not computes:
+            outs = predict(*operands)
+            if _SHADOW:  # benchmark-only check of the error bound: what would the block have given?
+                true = run_block(*operands)
+                err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
+                _SHADOW[-1].append((lay.index, err))
+            return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
+        outs = tuple(self.block(*args))  # nothing aliases here: no copy of the outputs needed
+        newer = [self._residuals(args, outs), *res_hist[:-1]]
+        step = operands[len(operands) - len(self._fitted) - 1]
+        new_steps = [step, *steps[:-1]]
+        return (*outs, *[x.contiguous() for x in xs], *[r for res in newer for r in res], *new_steps, compute)
 
 
 def _rel_error(out: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

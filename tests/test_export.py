@@ -280,3 +280,28 @@ def test_damaged_exports_fail_at_load(tiny_exported, tmp_path):
     (d / "manifest.json").write_text(json.dumps(manifest)[:100])
     with pytest.raises(ValueError, match="not valid JSON"):
         load_exported(d)
+
+
+def test_forecast_form_exports_with_its_rule(built, tmp_path):
+    """The fitted forecaster (K residuals of state, weight table per gap pattern) and its conformal rule
+    are graph constants of the export; the ONNX runner reproduces the backend's skips and outputs."""
+    case, model = CASES["dit"], built["dit"]
+    path = str(tmp_path / "forecast.safetensors")
+    runs = lambda m: [sample(m, case, batch=1, cfg="split", steps=8, seed=s) for s in range(4)]  # noqa: E731
+    calib = fc.calibrate(model, runs, path)
+    assert calib.metrics["forecast_order"] >= 1
+    torch._dynamo.reset()
+    options = {"threshold": TAU, **OPTIONS, "calibration": path, "approximation": "forecast"}
+    out_dir = export_onnx(model, _example("dit"), tmp_path / "export", verify=False, **options)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["config"]["approximation"] == "forecast"
+    blocks = manifest["variants"][0]["blocks"]
+    assert {b["history"] for b in blocks} == {calib.metrics["forecast_order"]}
+    assert {b["rule"] for b in blocks} == {"conformal"} and all(b["conformal_cutoff"] is not None for b in blocks)
+    compiled = torch.compile(model, backend="fastcache", options={"lowering": "eager", **options}, fullgraph=True)
+    ref = sample(compiled, case, batch=1, cfg="split", steps=STEPS)
+    runner = load_exported(out_dir)
+    out = sample(runner, case, batch=1, cfg="split", steps=STEPS)
+    assert runner.stats()["blocks_skipped"] > 0
+    assert runner.stats()["per_block_skipped"] == fc.stats(compiled)["per_block_skipped"]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

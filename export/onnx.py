@@ -191,7 +191,7 @@ def _export_variant(
     if calib is not None:
         calib.check(outlined, args)
     params = calib.block_params(form) if calib else None
-    cached = insert_cache(outlined, config.threshold, config.alpha, form, params)
+    cached = insert_cache(outlined, config.threshold, config.alpha, form, params, max_skips=config.max_skips)
     # the forecaster keeps K residuals per output: the init graph must emit the same state layout
     init = insert_recording(_outlined(gm, args), history=state_history(form, params))
     layouts = cached.meta["fastcache_layouts"]
@@ -358,6 +358,8 @@ def manifest_head(
             "warmup_steps": config.warmup_steps,
             "num_steps": config.num_steps,
             "max_streams": config.max_streams,
+            "refresh_every": config.refresh_every,
+            "max_skips": config.max_skips,
         },
         "calibration": None
         if calib is None

@@ -43,7 +43,9 @@ def _block_cache(outlined: fx.GraphModule, config: FastCacheConfig, form: str, p
     """The cached variant: one graph with a ``torch.cond`` per block, or (``lowering="segments"`` /
     ``"tensorrt"``) static segments with the decision read on the host between them."""
     if config.lowering not in _SEGMENTED:
-        return insert_cache(outlined, config.threshold, config.alpha, form, params, audit=config.audit)
+        return insert_cache(
+            outlined, config.threshold, config.alpha, form, params, audit=config.audit, max_skips=config.max_skips
+        )
     if form == "forecast" or config.audit:
         raise ValueError(
             "approximation='forecast' and audit=True are not available with segment lowerings yet; "
@@ -134,6 +136,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FastCach
                     merge_lambda=config.merge_lambda,
                     # the static-token correction is a fitted map: used with the fitted forms only
                     static_w=calib.stack_params().get("w") if calib is not None and form != "reuse" else None,
+                    max_skips=config.max_skips,
                 )
                 num_tokens = plan.num_tokens
                 check_token_count(config, num_tokens)

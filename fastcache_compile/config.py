@@ -55,6 +55,13 @@ class FastCacheConfig:
     merge_lambda: float = 1.0
     """λ in the importance ``S_i = ρ_i (1 + λ ρ^tm_i)``."""
 
+    refresh_every: int | None = None
+    """Synchronised refresh: every ``refresh_every``-th step of a generation (0, N, 2N, …) computes
+    every block, as FORA and TaylorSeer do; None: only warm-up and the rule decide."""
+    max_skips: int | None = None
+    """Cap on consecutive skipped steps per block: a block computes once its last computed step is
+    more than ``max_skips`` steps back; None: no cap (the forecaster's table caps its own gaps)."""
+
     audit: bool = False
     """Also compute every skipped block and report the true error of its prediction (``stats``);
     costs the full computation, for checking that skips stay within τ."""
@@ -70,6 +77,9 @@ class FastCacheConfig:
         if self.approximation not in _APPROXIMATIONS:
             raise ValueError(f"approximation must be one of {_APPROXIMATIONS}, got {self.approximation!r}")
         _integer("max_streams", self.max_streams, 1)
+        for name in ("refresh_every", "max_skips"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), 1, "None or an int >= 1")
         if self.lowering not in _LOWERINGS:
             raise ValueError(f"lowering must be one of {_LOWERINGS}, got {self.lowering!r}")
         for name in ("token_select", "token_merge", "audit"):
@@ -77,6 +87,11 @@ class FastCacheConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.audit and (self.token_select or self.token_merge):
             raise ValueError("audit=True covers block-level caching only: turn token_select/token_merge off for it")
+        if self.lowering in ("segments", "tensorrt") and self.max_skips is not None:
+            raise ValueError(
+                f"max_skips is applied inside the cond graph: use lowering='inductor' or 'eager' with it, or "
+                f"refresh_every (host-side) with lowering={self.lowering!r}"
+            )
         if self.lowering in ("segments", "tensorrt") and (self.token_select or self.token_merge):
             raise ValueError(
                 f"token_select/token_merge need the in-graph cond form: use lowering='inductor' or 'eager' "

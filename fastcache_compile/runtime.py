@@ -221,6 +221,7 @@ class CacheRuntime:
             outs = variant.init(*args, step_t)
         else:
             force = step < cfg.warmup_steps or (cfg.num_steps is not None and step >= cfg.num_steps - 1)
+            force = force or (cfg.refresh_every is not None and step % cfg.refresh_every == 0)
             force = force or recorder is not None  # calibration records full computations
             outs = variant.cached(*args, *slot.state, step_t, torch.tensor(force))
         outs = list(outs)

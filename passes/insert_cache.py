@@ -126,6 +126,7 @@ class CachedBlock(_BlockBase):
         for name, value in params.items():
             self.register_buffer(name.replace(".", "_"), value, persistent=False)
         self._thresholds: dict[int, float] = {}
+        self.max_skips: int | None = None  # cap on consecutive skipped steps (``insert_cache``)
 
     def _threshold(self, dof: int) -> float:
         if dof not in self._thresholds:
@@ -157,6 +158,8 @@ class CachedBlock(_BlockBase):
 
     def _decide(self, delta2, step, steps: list, force, dof: int) -> torch.Tensor:
         """True where the block computes: the χ² rule, or ``forecast``'s conformal rule and history checks."""
+        if self.max_skips is not None:  # the last compute is more than max_skips steps back
+            force = force | (step.float() - steps[0] > self.max_skips)
         if self.form != "forecast":
             return rule.should_compute(delta2, self._threshold(dof), force)
         gap = step.float() - steps[0]
@@ -411,13 +414,17 @@ def insert_cache(
     form: str = "reuse",
     params: dict[int, dict[str, torch.Tensor]] | None = None,
     audit: bool = False,
+    max_skips: int | None = None,
 ) -> fx.GraphModule:
-    """``audit=True`` computes every block and returns the skipped ones' true errors (module docstring)."""
+    """``audit=True`` computes every block and returns the skipped ones' true errors (module docstring);
+    ``max_skips`` caps a block's consecutive skipped steps."""
     params = params or {}
     reducers = block_reducers(gm)
 
     def make(block: fx.GraphModule, lay: BlockLayout) -> CachedBlock:
-        return CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {}), reducers[lay.index], audit)
+        cached = CachedBlock(block, lay, tau, alpha, form, params.get(lay.index, {}), reducers[lay.index], audit)
+        cached.max_skips = max_skips
+        return cached
 
     return _rewrite(gm, make, True, state_history(form, params), audit)
 

@@ -435,6 +435,7 @@ def insert_token_select(
     merge_k: int,
     merge_lambda: float,
     static_w: torch.Tensor | None = None,
+    max_skips: int | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule, TokenPlan]:
     """The ``init`` and ``cached`` graphs with token selection; raises ``TokenPlanError`` if unsupported."""
     group = collective_group(outlined)
@@ -453,7 +454,7 @@ def insert_token_select(
     stack: fx.GraphModule = getattr(gm, STACK)
     num_blocks = len(_block_calls(stack))
 
-    cached_stack = insert_cache(clone_graph_module(stack), tau, alpha, form, params)
+    cached_stack = insert_cache(clone_graph_module(stack), tau, alpha, form, params, max_skips=max_skips)
     lays = cached_stack.meta["fastcache_layouts"]
     n_bs = sum(lay.num_state for lay in lays)
     token_stack = TokenStack(

@@ -183,3 +183,30 @@ def test_more_streams_than_slots_warns_once():
     msgs = [str(w.message) for w in caught if "max_streams=2" in str(w.message)]
     assert len(msgs) == 1 and "raise options['max_streams']" in msgs[0]
     assert fc.stats(cm)["blocks_skipped"] == 0
+
+
+# -- refresh policies ---------------------------------------------------------------------------------
+STEPS_10 = [1000 - 100 * i for i in range(10)]  # one generation of 10 steps
+
+
+@pytest.mark.parametrize("every", [2, 3, 4])
+def test_refresh_every_computes_all_blocks_on_schedule(every):
+    cm = compile_eager(_build(_Timestep), threshold=10.0, warmup_steps=1, refresh_every=every)  # τ: always skip
+    _run(cm, STEPS_10)
+    refreshed = sum(1 for step in range(10) if step % every == 0)  # step 0 is the warm-up step too
+    assert fc.stats(cm)["per_block_skipped"] == [10 - refreshed] * 2
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_max_skips_caps_consecutive_skips_per_block(cap):
+    cm = compile_eager(_build(_Timestep), threshold=10.0, warmup_steps=1, max_skips=cap)
+    _run(cm, STEPS_10)
+    computes = len(range(0, 10, cap + 1))  # computed at 0, then after every `cap` skipped steps
+    assert fc.stats(cm)["per_block_skipped"] == [10 - computes] * 2
+
+
+def test_refresh_options_are_validated():
+    with pytest.raises(ValueError, match="refresh_every must be None or an int >= 1"):
+        fc.FastCacheConfig(refresh_every=0)
+    with pytest.raises(ValueError, match="max_skips is applied inside the cond graph"):
+        fc.FastCacheConfig(max_skips=2, lowering="segments")

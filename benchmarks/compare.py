@@ -114,10 +114,13 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
     meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(p.calibration_generations, 4), probe)
     form = resolve_form("auto", load_calibration(calib))
     runners: list[Any] = []
-    for approximation, tau, low in p.fastcache:
+    for approximation, tau, low, *extra in p.fastcache:
         opts = fastcache_options(tau, approximation, low, p.steps, calib, alpha)
+        policy = extra[0] if extra else {}  # refresh policy options, e.g. {"max_skips": 2}
+        opts.update(policy)
         method = "fastcache" if approximation == "auto" else f"fastcache-{approximation}"
-        runners.append(Compiled(copy.deepcopy(m), method, f"τ={tau:g}", low, opts))
+        setting = " ".join([f"τ={tau:g}", *(f"{k}={v}" for k, v in policy.items())])
+        runners.append(Compiled(copy.deepcopy(m), method, setting, low, opts))
         runners[-1].notes = f"approximation auto → {form}" if approximation == "auto" else ""
     for tau, theta, merge in p.tokens:
         opts = fastcache_options(tau, "auto", "inductor", p.steps, calib, alpha)

@@ -20,7 +20,7 @@ class Plan:
     steps: int
     shadow_samples: int  # samples of the eager shadow run that measures bound violations
     calibration_generations: int  # generations of 4 samples for fastcache_compile.calibrate
-    fastcache: tuple[tuple[str, float, str], ...]  # (approximation, τ, lowering)
+    fastcache: tuple[tuple, ...]  # (approximation, τ, lowering[, extra options such as {"max_skips": 2}])
     tokens: tuple[tuple[float, float, bool], ...]  # (τ, token_threshold, merge) per fastcache+tokens row
     fora: tuple[int, ...] = ()
     fbc: tuple[float, ...] = ()
@@ -46,6 +46,9 @@ NEW_DEFAULT = Plan(
     (
         *_grid(("auto",), (0.05, 0.1, 0.2), ("eager",)),
         *_grid(("forecast",), (0.05, 0.1, 0.2), ("eager",)),
+        # the refresh study's pick (benchmarks/results/refresh_study.md): cap consecutive skips at 2
+        ("forecast", 0.1, "eager", {"max_skips": 2}),
+        ("forecast", 0.2, "eager", {"max_skips": 2}),
         ("reuse", 0.1, "eager"),
     ),
     (),

@@ -31,69 +31,25 @@ produced, ``output = (*original_outputs, *state, computed)``, with no state inpu
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from fastcache_compile import approx, conformal, forecast, rule
 
+from .block_state import (
+    _SHADOW,
+    BlockLayout,
+    RecordingBlock,
+    _BlockBase,
+    _contiguous_strides,
+    _rel_error,
+    _state_names,
+    _tracing,
+    state_history,
+)
 from .outline_blocks import PREFIX
 from .reduce_stats import LOCAL, Reducer, block_reducers
-
-# Active shadow recorders (see ``fastcache_compile.runtime.shadow_errors``).
-_SHADOW: list[list[tuple[int, float]]] = []
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """How one block's state is laid out in the flat state list."""
-
-    index: int
-    streams: tuple[int, ...]  # argument positions holding hidden states
-    pairs: tuple[int | None, ...]  # per output: the stream argument it updates, or None
-    history: int = 2  # computed residuals (and their steps) kept per output
-
-    @property
-    def num_state(self) -> int:
-        return len(self.streams) + self.history * (len(self.pairs) + 1)
-
-    def split(self, state: tuple | list) -> tuple[list, list[list], list]:
-        """``(x_hat per stream, residuals[h][k] newest first, steps[h])`` of this block's flat state."""
-        n_str, n_out, h = len(self.streams), len(self.pairs), self.history
-        res = [list(state[n_str + m * n_out : n_str + (m + 1) * n_out]) for m in range(h)]
-        return list(state[:n_str]), res, list(state[n_str + h * n_out : n_str + h * (n_out + 1)])
-
-
-class _BlockBase(nn.Module):
-    def __init__(self, block: fx.GraphModule, layout: BlockLayout) -> None:
-        super().__init__()
-        self.block = block
-        self.layout = layout
-
-    def _residuals(self, args: tuple, outs: tuple) -> list[torch.Tensor]:
-        # Paired outputs are stored as residuals y − x (what the predictors extrapolate), unpaired
-        # ones as plain values.
-        return [o if p is None else o - args[p].to(o.dtype) for o, p in zip(outs, self.layout.pairs)]
-
-
-class RecordingBlock(_BlockBase):
-    """Always computes; returns (outputs..., state..., computed)."""
-
-    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args, step = flat[:-1], flat[-1]
-        outs = tuple(self.block(*args))
-        res = self._residuals(args, outs)
-        # State is kept contiguous so compiled variants see one fixed layout for it.
-        x_hat = [args[p].contiguous() for p in self.layout.streams]
-        s = step.float()
-        h = self.layout.history
-        # Older residuals start equal to r̂ (no trajectory yet) but must be their own tensors: cond
-        # operands may not alias each other. Their steps s − 1, s − 2, … mark them: the forecast form
-        # computes until its oldest step is real (≥ 0).
-        older = [r.clone() for _ in range(h - 1) for r in res]
-        state = [*x_hat, *res, *older, *[s - float(m) for m in range(h)]]
-        return (*outs, *state, torch.ones((), dtype=torch.bool, device=step.device))
 
 
 class CachedBlock(_BlockBase):
@@ -285,27 +241,6 @@ class CachedBlock(_BlockBase):
         return (*outs, *[x.contiguous() for x in xs], *[r for res in newer for r in res], *new_steps, compute)
 
 
-def _rel_error(out: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """‖ŷ − y‖ / ‖y‖ in float32 (0-dim), as ``shadow_errors`` measures it."""
-    return (out.float() - true.float()).norm() / true.float().norm().clamp_min(1e-12)
-
-
-def _tracing(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """True while AOTAutograd / export trace the module (then layouts must be forced explicitly)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return torch.compiler.is_compiling() or any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
-
-
-def _contiguous_strides(t: torch.Tensor) -> list[int]:
-    strides, acc = [], 1
-    for size in reversed(t.shape):
-        strides.append(acc)
-        acc *= max(int(size), 1)
-    return strides[::-1]
-
-
 def _block_calls(gm: fx.GraphModule) -> list[fx.Node]:
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(PREFIX)]
     return sorted(calls, key=lambda n: int(str(n.target)[len(PREFIX) :]))
@@ -316,29 +251,6 @@ def layouts(gm: fx.GraphModule, history: int = 2) -> list[BlockLayout]:
         BlockLayout(i, tuple(c.meta["fastcache_streams"]), tuple(c.meta["fastcache_pairs"]), history)
         for i, c in enumerate(_block_calls(gm))
     ]
-
-
-def state_history(form: str, params: dict[int, dict[str, torch.Tensor]] | None) -> int:
-    """Residuals kept per block output: the forecaster's order K for ``forecast``, else 2."""
-    if form != "forecast":
-        return 2
-    orders = {int(p["table"].shape[1]) for p in (params or {}).values() if "table" in p}
-    if len(orders) != 1:
-        raise ValueError(
-            f"approximation='forecast' needs one forecaster order for all blocks in the calibration, got "
-            f"{sorted(orders) or 'none'}; re-run fastcache_compile.calibrate(...) to fit the forecaster"
-        )
-    return orders.pop()
-
-
-def _state_names(lay: BlockLayout) -> list[str]:
-    i, n_out = lay.index, len(lay.pairs)
-    # the first two residuals and steps keep their classic names (r̂, r̂′, s, s′): exporters read them
-    res = ["r_hat", "r_prev", *[f"r_{m + 1}" for m in range(2, lay.history)]][: lay.history]
-    stp = ["s", "s_prev", *[f"s_{m + 1}" for m in range(2, lay.history)]][: lay.history]
-    names = [f"fc_{i}_x_hat_{j}" for j in range(len(lay.streams))]
-    names += [f"fc_{i}_{r}_{k}" for r in res for k in range(n_out)]
-    return names + [f"fc_{i}_{x}" for x in stp]
 
 
 def _rewrite(

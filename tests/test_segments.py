@@ -106,8 +106,8 @@ def _segments_backend(monkeypatch, lower):
     """``lowering="segments"`` with another per-segment lowering (eager, for bitwise comparison with the
     eager cond form): the runtime's Variant.cached becomes a SegmentRunner."""
 
-    def build(gm, tau, alpha, form="reuse", params=None, audit=False):
-        assert not audit
+    def build(gm, tau, alpha, form="reuse", params=None, audit=False, max_skips=None):
+        assert not audit and max_skips is None
         return SegmentRunner(split_segments(gm, tau, alpha, form, params), lower)
 
     monkeypatch.setattr(backend_mod, "insert_cache", build)

@@ -111,7 +111,9 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
     def probe(c: Any) -> Any:
         return c(**inputs)
 
-    meta["calibration"] = ensure_calibration(m, calib, bench.other_runs(p.calibration_generations, 4), probe)
+    need_forecast = any(row[0] == "forecast" for row in p.fastcache)
+    runs = bench.other_runs(p.calibration_generations, 4)
+    meta["calibration"] = ensure_calibration(m, calib, runs, probe, need_forecast)
     form = resolve_form("auto", load_calibration(calib))
     runners: list[Any] = []
     for approximation, tau, low, *extra in p.fastcache:

@@ -108,7 +108,11 @@ def _calibration_fits(model: torch.nn.Module, path: Path, probe: Callable[[Any],
 
 
 def ensure_calibration(
-    model: torch.nn.Module, path: Path, run: Callable[[Any], Any], probe: Callable[[Any], Any]
+    model: torch.nn.Module,
+    path: Path,
+    run: Callable[[Any], Any],
+    probe: Callable[[Any], Any],
+    need_forecast: bool = False,
 ) -> dict[str, Any]:
     """Use the calibration file at ``path`` if it belongs to ``model``; otherwise fit one with
     ``run`` (a few short generations of seeds the benchmark does not use) and save it there.
@@ -119,6 +123,8 @@ def ensure_calibration(
     info: dict[str, Any] = {"path": path.name}
     if path.exists():
         why = _calibration_fits(model, path, probe)
+        if why is None and need_forecast and "forecast_order" not in load_calibration(path).metrics:
+            why = "fitted before the forecaster existed (no forecast weights)"
         if why is None:
             calib = load_calibration(path)
             info.update(source="shipped", recommended=calib.recommended, metrics=calib.metrics)

@@ -93,7 +93,10 @@ OLD_DEFAULT = Plan(
 )  # fmt: skip
 OLD_QUICK = Plan(
     "quick", 16, 16, 20, 8, 2,
-    (("auto", 0.1, "eager"), ("reuse", 0.1, "eager")),
+    (
+        ("auto", 0.1, "eager"), ("reuse", 0.1, "eager"), ("forecast", 0.1, "eager"), ("forecast", 0.2, "eager"),
+        ("forecast", 0.2, "eager", {"max_skips": 2}),
+    ),
     (),
     fora=(2,), taylorseer=((2, 2),), cachedit=((1, 0, 0.08, 1),),
     inductor_baseline=False, probe=False,

@@ -276,19 +276,28 @@ def calibrate(
     *,
     ridge: float = 1e-3,
     max_rows: int = 1024,
+    drift: dict[str, Any] | None = None,
+    drift_run: Callable[[torch.nn.Module], Any] | None = None,
 ) -> Calibration:
     """Fit the skip-path maps of ``model`` from full computations driven by ``run``.
 
     ``run(m)`` must call ``m`` the way inference does (e.g. a few short sampling loops with the
     scheduler, seeds and guidance you use); each generation needs at least 3 steps. Returns the
     ``Calibration`` and writes it to ``path`` if given (load it with ``options={"calibration": path}``).
+
+    ``drift``: the backend options you deploy the forecaster with (``threshold`` at least, e.g.
+    ``{"threshold": 0.2, "num_steps": 20}``). Then ``drift_run`` (default: ``run``; better, other
+    seeds) runs again with the cache on, every skip is also computed, and the conformal cutoff must
+    hold on those drifted (ê, e) pairs too (``fastcache_compile.drift``).
     """
     import torch._dynamo
 
+    from . import drift as _drift
     from .backend import fastcache_backend
     from .config import FastCacheConfig
     from .runtime import recording
 
+    drift_options = None if drift is None else _drift.check_options(drift)  # before the long recording
     base = getattr(model, "_orig_mod", model)
     rec = _Recording(max_rows=max_rows)
     cfg = FastCacheConfig(threshold=0.0, warmup_steps=0, lowering="eager", max_streams=64)
@@ -324,6 +333,12 @@ def calibrate(
     }
     assert rec.fingerprint is not None
     calib = Calibration(rec.fingerprint, tensors, recommended, metrics)
+    if drift_options is not None:
+        if not fc_tensors:
+            raise ValueError("drift needs the forecaster, which needs at least 2 calibration generations")
+        pairs, drift_metrics = _drift.observe(base, drift_run or run, calib, drift_options)
+        calib.tensors |= pairs
+        calib.metrics["forecast_drift"] = drift_metrics
     if path is not None:
         calib.save(path)
     return calib

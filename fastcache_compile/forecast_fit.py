@@ -150,10 +150,11 @@ def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 0.0, min_count: 
 
 
 def block_params(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    """Per block ``{"table", "coef", "pred", "err"}`` of a calibration's forecaster tensors."""
+    """Per block ``{"table", "coef", "pred", "err"}`` of a calibration's forecaster tensors, and
+    ``{"dpred", "derr"}`` where the calibration also holds pairs observed under caching."""
     out: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         kind, _, block = name.partition(".")
-        if kind in ("fc_table", "fc_coef", "fc_pred", "fc_err"):
+        if kind in ("fc_table", "fc_coef", "fc_pred", "fc_err", "fc_dpred", "fc_derr"):
             out.setdefault(int(block), {})[kind[3:]] = value
     return out

@@ -14,6 +14,9 @@ from torch import fx, nn
 
 # Active shadow recorders (see ``fastcache_compile.runtime.shadow_errors``).
 _SHADOW: list[list[tuple[int, float]]] = []
+# Active conformal-pair recorders (``fastcache_compile.drift``): (block, predicted error ê, true error)
+# of every skip the eager forecast form makes.
+_PAIRS: list[list[tuple[int, float, float]]] = []
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from torch import fx
 from fastcache_compile import approx, conformal, forecast, rule
 
 from .block_state import (
+    _PAIRS,
     _SHADOW,
     BlockLayout,
     RecordingBlock,
@@ -74,6 +75,12 @@ class CachedBlock(_BlockBase):
         # forecast: the conformal cutoff is set here for this τ, α from the stored held-out (ê, e) pairs
         pred, err = params.pop("pred", None), params.pop("err", None)
         self._cutoff = None if pred is None or err is None else conformal.skip_cutoff(pred, err, tau, alpha)
+        # pairs observed under caching (``calibrate(drift=...)``): their inputs and histories carry the
+        # errors of earlier skips; the cutoff must pass the rank rule on them as well
+        dpred, derr = params.pop("dpred", None), params.pop("derr", None)
+        if self._cutoff is not None and dpred is not None and derr is not None:
+            self._cutoff = min(self._cutoff, conformal.skip_cutoff(dpred, derr, tau, alpha))
+        self._e_hat: torch.Tensor | None = None  # the last ê, kept for pair recording (eager only)
         self._max_gap = None
         if form == "forecast" and "table" in params:
             rows, order = params["table"].shape
@@ -126,6 +133,8 @@ class CachedBlock(_BlockBase):
         if self._cutoff is None:
             return rule.should_compute(delta2, self._threshold(dof), force)
         e_hat = conformal.predict_error(self.coef, conformal.error_features(delta2, gap, step))
+        if _PAIRS:
+            self._e_hat = e_hat
         # ~(ê ≤ c) computes on NaN; a non-finite δ² computes whatever ê says
         return force | ~(e_hat <= self._cutoff) | ~torch.isfinite(delta2)
 
@@ -229,10 +238,13 @@ class CachedBlock(_BlockBase):
         x_hat, res_hist, steps = lay.split(state)
         if not computes:
             outs = predict(*operands)
-            if _SHADOW:  # benchmark-only check of the error bound: what would the block have given?
+            if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
                 true = run_block(*operands)
                 err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
-                _SHADOW[-1].append((lay.index, err))
+                if _SHADOW:  # benchmark-only check of the error bound
+                    _SHADOW[-1].append((lay.index, err))
+                if _PAIRS and self._e_hat is not None:
+                    _PAIRS[-1].append((lay.index, float(self._e_hat), err))
             return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
         outs = tuple(self.block(*args))  # nothing aliases here: no copy of the outputs needed
         newer = [self._residuals(args, outs), *res_hist[:-1]]

@@ -154,11 +154,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     say = _say(time.perf_counter())
     say(f"calibrating on {args.generations} generations of {args.n} images × {steps} steps")
 
-    def drive(model: Any) -> None:
+    def drive(model: Any, first: int = args.seed) -> None:
         for g in range(args.generations):
-            run(model, seed=args.seed + g * args.n)
+            run(model, seed=first + g * args.n)
 
-    calib = fastcache_compile.calibrate(ref.transformer, drive, args.out)
+    # drift pass: the same number of generations on other seeds, cached at the given τ
+    drift = None if args.drift_threshold is None else {"threshold": args.drift_threshold, "num_steps": steps}
+    again = lambda m: drive(m, args.seed + 10_000)  # noqa: E731
+    calib = fastcache_compile.calibrate(ref.transformer, drive, args.out, drift=drift, drift_run=again)
     metrics = calib.metrics
     print(f"recommended approximation: {calib.recommended}")
     for form, err in sorted(metrics.get("heldout_rel_error", {}).items(), key=lambda kv: kv[1]):
@@ -257,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", default="reference", help=model_help)
     cal.add_argument("--out", required=True, help="calibration file to write (safetensors)")
     cal.add_argument("--generations", type=int, default=4, help="generations to fit on (every 4th is held out)")
+    cal.add_argument("--drift-threshold", type=float, help="also record forecaster skips cached at this τ")
     _sampling_options(cal, n=2, seed=1000)  # seeds apart from generate's, so its images are held out
 
     bench = commands.add_parser("bench", help="timing table: uncached vs fastcache, after warm-up")

@@ -138,11 +138,12 @@ def test_generate_skips_and_reports(elsewhere, tiny, capsys):
 def test_calibrate_and_use_the_file(elsewhere, tiny, capsys):
     from fastcache_compile.calibration import load
 
-    argv = ["--n", "1", "--steps", "4", "--generations", "2"]
+    argv = ["--n", "1", "--steps", "4", "--generations", "2", "--drift-threshold", "0.3"]
     assert main(["calibrate", "--model", str(tiny), "--out", "c.safetensors", *argv]) == 0
     assert "recommended approximation" in capsys.readouterr().out
     calib = load(elsewhere / "c.safetensors")
     assert calib.fingerprint["num_blocks"] == 2 and calib.metrics["generations"] == 2
+    assert calib.metrics["forecast_drift"]["options"] == {"threshold": 0.3, "num_steps": 4}  # the drift pass ran
     gen = ["--n", "1", "--steps", "4", "--lowering", "eager", "--threshold", "0.5", "--calibration", "c.safetensors"]
     assert main(["generate", "--model", str(tiny), "--out", "o", *gen]) == 0
 

@@ -239,7 +239,8 @@ def _shadows(bench: Bench, runners: list[Any], rows: list[dict], alpha: float) -
     for runner, row in zip(runners, rows):
         if not (isinstance(runner, Compiled) and runner.is_fastcache) or runner.options.get("token_select"):
             continue  # token rows have no per-block bound to check
-        key = (runner.options["threshold"], runner.options["approximation"])
+        # every option but the lowering steers the decisions (τ, form, refresh policy, calibration)
+        key = tuple(sorted((k, str(v)) for k, v in runner.options.items() if k != "lowering"))
         if key not in done:
             try:
                 done[key] = bound_violations(runner.base, runner.options, run)

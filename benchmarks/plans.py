@@ -80,7 +80,10 @@ NEW_QUICK = Plan(
 # where the runtime's host work weighs most against the block compute. Hand-written FORA is the yardstick.
 NEW_SMALL = Plan(
     "small", 32, 8, 20, 8, 2,
-    (("reuse", 0.1, "eager"), ("reuse", 0.2, "eager"), ("forecast", 0.1, "eager"), ("forecast", 0.2, "eager")),
+    (
+        ("reuse", 0.1, "eager"), ("reuse", 0.2, "eager"), ("forecast", 0.1, "eager"), ("forecast", 0.2, "eager"),
+        ("forecast", 0.2, "eager", {"refresh_every": 4}),
+    ),
     (),
     fora=(2, 3),
     inductor_baseline=False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -235,7 +236,8 @@ def _export_variant(
                 "dof": dof,
                 "rule": "chi2" if cutoff is None else "conformal",
                 "chi2_threshold": rule.skip_threshold(config.threshold, config.alpha, dof),
-                "conformal_cutoff": None if cutoff is None else float(cutoff),
+                # null without a cutoff, or where none passes (the block never skips): strict JSON has no inf
+                "conformal_cutoff": None if cutoff is None or not math.isfinite(cutoff) else float(cutoff),
             }
         )
         cursor += lay.num_state

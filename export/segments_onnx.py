@@ -192,6 +192,8 @@ def export_segments(
     config = FastCacheConfig.from_options(options)
     if config.token_select or config.token_merge:
         raise ValueError("the segment layout covers block-level caching only; drop token_select / token_merge")
+    if config.max_skips is not None:
+        raise ValueError("max_skips is decided inside the cond graph, which export_segments lacks: use export_onnx")
     calib = _calibration.load(config.calibration) if config.calibration is not None else None
     form = resolve_form(config.approximation, calib)
     examples = [example_inputs] if isinstance(example_inputs, Mapping) else list(example_inputs)

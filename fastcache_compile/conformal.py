@@ -65,6 +65,35 @@ def skip_cutoff(pred: torch.Tensor, err: torch.Tensor, tau: float, alpha: float)
     return float(p[idx[-1]]) if idx.numel() else -math.inf
 
 
+def joint_cutoff(
+    pred: torch.Tensor, err: torch.Tensor, dpred: torch.Tensor, derr: torch.Tensor, tau: float, alpha: float
+) -> float:
+    """Largest cutoff that passes the rank rule on the held-out pairs ``(pred, err)`` *and* on the pairs
+    observed under caching ``(dpred, derr)`` (``calibrate(drift=...)``), and that does not exceed the
+    largest prediction observed under caching (its pairs say nothing above it). ``-inf`` if none passes;
+    an empty or too small drift set (a block that seldom skipped in the drift pass) never skips."""
+    if tau <= 0 or pred.numel() == 0 or dpred.numel() == 0:
+        return -math.inf
+    _check_alpha(alpha)
+    p = pred.detach().double()
+    order = torch.argsort(p)
+    p, ok = p[order], (err.detach().double()[order] <= tau)
+    n_c = torch.arange(1, p.numel() + 1)
+    n_ok = torch.cumsum(ok.long(), 0)
+    need = torch.tensor([rank(int(m), alpha) for m in n_c])
+    passes = (n_ok >= need) & (need <= n_c) & torch.cat([p[1:] > p[:-1], torch.tensor([True])])
+    dp = dpred.detach().double()
+    d_order = torch.argsort(dp)
+    dp, d_ok = dp[d_order], torch.cumsum((derr.detach().double()[d_order] <= tau).long(), 0)
+    m = torch.searchsorted(dp, p, right=True)  # drift points the candidate cutoff would skip
+    m_ok = torch.where(m > 0, d_ok[(m - 1).clamp_min(0)], torch.zeros_like(m))
+    # as in skip_cutoff, a cutoff needs enough drift points below it: no evidence, no certificate
+    m_need = torch.tensor([rank(int(v), alpha) if v > 0 else 1 for v in m])
+    d_passes = (m_need <= m) & (m_ok >= m_need)
+    idx = torch.nonzero(passes & d_passes & (p <= dp[-1])).reshape(-1)
+    return float(p[idx[-1]]) if idx.numel() else -math.inf
+
+
 def error_features(delta2: torch.Tensor, gap: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """(..., 4) features of the error model: ``(1, log δ², log(t − s), t)``; traceable."""
     d = delta2.float()

@@ -8,11 +8,13 @@ covers it (measured: 7.4 % at τ = 0.2, α = 0.05 on the reference MMDiT).
 
 This pass runs the calibration generations again with the cache on, under the deployment options
 (τ, α, warm-up, refresh policy), computes every skipped block as well and stores each skip's
-(ê, true error) per block. At compile time the cutoff must then pass the rank rule on these pairs
-too (``min`` of both cutoffs). Caveats: the pairs were drawn under the first cutoff, which the second
-can only lower, so deployed runs skip less and drift less than the pairs did (conservative); for a τ
-above the pass's, the pairs only cover predictions up to the pass's cutoff (the cutoff cannot rise
-above what was observed); skips within one generation are not independent.
+(ê, true error) per block. At compile time the cutoff is the largest one that passes the rank rule on
+both pair sets (``conformal.joint_cutoff``); a block that never skipped in the pass never skips.
+
+Caveats: the pairs were drawn under the first cutoff, which the second can only lower, so deployed
+runs skip less and drift less than the pairs did (conservative); for a τ above the pass's, the pairs
+only cover predictions up to the pass's cutoff (the cutoff cannot rise above what was observed);
+skips within one generation are not independent.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ def observe(
             run(compiled)
         torch._dynamo.reset()
     tensors: dict[str, torch.Tensor] = {}
-    by_block: dict[int, list[tuple[float, float]]] = {}
+    # every block with a forecaster gets its (possibly empty) set: none observed means none certified
+    by_block: dict[int, list[tuple[float, float]]] = {
+        int(name.split(".")[1]): [] for name in calibration.tensors if name.startswith("fc_table.")
+    }
     for block, e_hat, err in pairs:
         by_block.setdefault(block, []).append((e_hat, err))
     for block, rows in sorted(by_block.items()):

@@ -79,7 +79,7 @@ class CachedBlock(_BlockBase):
         # errors of earlier skips; the cutoff must pass the rank rule on them as well
         dpred, derr = params.pop("dpred", None), params.pop("derr", None)
         if self._cutoff is not None and dpred is not None and derr is not None:
-            self._cutoff = min(self._cutoff, conformal.skip_cutoff(dpred, derr, tau, alpha))
+            self._cutoff = conformal.joint_cutoff(pred, err, dpred, derr, tau, alpha)
         self._e_hat: torch.Tensor | None = None  # the last ê, kept for pair recording (eager only)
         self._max_gap = None
         if form == "forecast" and "table" in params:
@@ -240,17 +240,21 @@ class CachedBlock(_BlockBase):
             outs = predict(*operands)
             if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
                 true = run_block(*operands)
-                err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
+                err = max(float(_rel_error(o, t)) for o, t in zip(outs, true))  # float32: no fp16 overflow
                 if _SHADOW:  # benchmark-only check of the error bound
                     _SHADOW[-1].append((lay.index, err))
                 if _PAIRS and self._e_hat is not None:
                     _PAIRS[-1].append((lay.index, float(self._e_hat), err))
             return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
-        outs = tuple(self.block(*args))  # nothing aliases here: no copy of the outputs needed
-        newer = [self._residuals(args, outs), *res_hist[:-1]]
+        outs = tuple(self.block(*args))
+        # The state must not share storage with tensors the rest of the graph sees (an in-place op
+        # there would change the cache): x̂ and unpaired outputs are copied; residuals are new tensors.
+        res = [r.clone() if p is None else r for r, p in zip(self._residuals(args, outs), lay.pairs)]
+        newer = [res, *res_hist[:-1]]
         step = operands[len(operands) - len(self._fitted) - 1]
         new_steps = [step, *steps[:-1]]
-        return (*outs, *[x.contiguous() for x in xs], *[r for res in newer for r in res], *new_steps, compute)
+        x_new = [x.clone(memory_format=torch.contiguous_format) for x in xs]
+        return (*outs, *x_new, *[r for rs in newer for r in rs], *new_steps, compute)
 
 
 def _block_calls(gm: fx.GraphModule) -> list[fx.Node]:

@@ -87,3 +87,24 @@ def test_error_model_recovers_log_linear_law():
     assert torch.allclose(coef, coef_true, atol=1e-4)
     # a non-finite δ² yields finite features (the decision computes such blocks regardless)
     assert torch.isfinite(conformal.error_features(torch.tensor(math.nan), torch.tensor(1.0), torch.tensor(0.0))).all()
+
+
+def test_joint_cutoff_passes_both_pair_sets():
+    """The min of two per-set cutoffs can fail the rule on one set; the joint cutoff cannot."""
+    tau, alpha = 0.1, 0.1  # rank rule: ceil((n + 1) 0.9) of the n skipped errors must be <= tau
+    pred, err = torch.linspace(0.01, 1.0, 60), torch.full((60,), 0.05)
+    err[36:] = 0.5  # held-out pairs: violations above pred ~0.61
+    dpred, derr = torch.linspace(0.01, 0.95, 40), torch.full((40,), 0.05)
+    derr[10:12] = 0.5  # drift pairs: 2 violations at pred ~0.25; all 40 together still pass
+    c_full, c_drift = conformal.skip_cutoff(pred, err, tau, alpha), conformal.skip_cutoff(dpred, derr, tau, alpha)
+    c = conformal.joint_cutoff(pred, err, dpred, derr, tau, alpha)
+
+    def passes(p, e, cut):
+        sel = e[p <= cut]
+        need = conformal.rank(sel.numel(), alpha)
+        return need <= sel.numel() and int((sel <= tau).sum()) >= need
+
+    assert not passes(dpred, derr, min(c_full, c_drift))  # what the min of the two would have certified
+    assert -math.inf < c < min(c_full, c_drift)
+    assert passes(pred, err, c) and passes(dpred, derr, c)
+    assert conformal.joint_cutoff(pred, err, dpred[:0], derr[:0], tau, alpha) == -math.inf  # nothing observed

@@ -203,14 +203,19 @@ def _export_variant(
     state_names = [n.name for n in cached.graph.nodes if n.op == "placeholder" and n.name.startswith("fc_")][:-2]
     outputs = [f"output_{i}" for i in range(n_out)] + [f"{s}_new" for s in state_names] + ["fc_computed"]
     init_module, cached_module = _Rewritten(init, kinds, args).eval(), _Rewritten(cached, kinds, args).eval()
+    history = layouts[0].history if layouts else 2
     with torch.no_grad():
         state = list(init_module(*user, torch.tensor(0.0))[n_out:-1])
+        # fill the history (forced computes) so that the check below reaches the skip side of every If:
+        # the forecast form computes until its oldest stored step is real
+        for step in range(1, history):
+            state = list(cached_module(*user, *state, torch.tensor(float(step)), torch.tensor(True))[n_out:-1])
     init_file, cached_file = f"init_{k}.onnx", f"cached_{k}.onnx"
     say(f"[{k}] exporting {init_file}")
     init_args, init_inputs = (*user, torch.tensor(0.0)), [*user_names, "fc_step"]
     export_graph(init_module, init_args, init_inputs, outputs, directory / init_file)
     say(f"[{k}] exporting {cached_file} ({len(layouts)} blocks as ONNX If)")
-    cached_args = (*user, *state, torch.tensor(1.0), torch.tensor(False))
+    cached_args = (*user, *state, torch.tensor(float(history)), torch.tensor(False))
     cached_inputs = [*user_names, *state_names, "fc_step", "fc_force"]
     export_graph(cached_module, cached_args, cached_inputs, outputs, directory / cached_file)
     if verify:

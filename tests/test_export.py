@@ -292,7 +292,7 @@ def test_forecast_form_exports_with_its_rule(built, tmp_path):
     assert calib.metrics["forecast_order"] >= 1
     torch._dynamo.reset()
     options = {"threshold": TAU, **OPTIONS, "calibration": path, "approximation": "forecast"}
-    out_dir = export_onnx(model, _example("dit"), tmp_path / "export", verify=False, **options)
+    out_dir = export_onnx(model, _example("dit"), tmp_path / "export", verify=True, **options)  # both If sides
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["config"]["approximation"] == "forecast"
     blocks = manifest["variants"][0]["blocks"]

@@ -139,6 +139,14 @@ def _worker(rank: int, port: int, out_dir: str, calib_path: str) -> None:
 
 def _inductor_worker(rank: int, port: int, out_dir: str) -> None:
     _init(rank, port, 300)  # Inductor compiles each rank's graph before the first collective
+    # A forked child inherits the parent's Inductor compile thread pool without its threads (torch's
+    # after-fork hook clears only the process pool): once an earlier test compiled with Inductor, the
+    # first C++ kernel here would wait forever. Compile in this thread instead.
+    from torch._inductor import async_compile
+    from torch._inductor import config as inductor_config
+
+    async_compile.AsyncCompile.pool.cache_clear()
+    inductor_config.compile_threads = 1
     from diffusers import ContextParallelConfig
 
     model = CASES["flux"].build()

@@ -194,7 +194,8 @@ def _export_variant(
     params = calib.block_params(form) if calib else None
     cached = insert_cache(outlined, config.threshold, config.alpha, form, params, max_skips=config.max_skips)
     # the forecaster keeps K residuals per output: the init graph must emit the same state layout
-    init = insert_recording(_outlined(gm, args), history=state_history(form, params))
+    history = state_history(form, params)
+    init = insert_recording(_outlined(gm, args), history=history)
     layouts = cached.meta["fastcache_layouts"]
     n_out = cached.meta["fastcache_num_outputs"]
 
@@ -203,7 +204,6 @@ def _export_variant(
     state_names = [n.name for n in cached.graph.nodes if n.op == "placeholder" and n.name.startswith("fc_")][:-2]
     outputs = [f"output_{i}" for i in range(n_out)] + [f"{s}_new" for s in state_names] + ["fc_computed"]
     init_module, cached_module = _Rewritten(init, kinds, args).eval(), _Rewritten(cached, kinds, args).eval()
-    history = layouts[0].history if layouts else 2
     with torch.no_grad():
         state = list(init_module(*user, torch.tensor(0.0))[n_out:-1])
         # fill the history (forced computes) so that the check below reaches the skip side of every If:

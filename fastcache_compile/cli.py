@@ -14,6 +14,7 @@ the same seeds, after one warm-up generation each, and report wall and process C
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -160,7 +161,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     # drift pass: the same number of generations on other seeds, cached at the given τ
     drift = None if args.drift_threshold is None else {"threshold": args.drift_threshold, "num_steps": steps}
-    again = lambda m: drive(m, args.seed + 10_000)  # noqa: E731
+    again = functools.partial(drive, first=args.seed + 10_000)
     calib = fastcache_compile.calibrate(ref.transformer, drive, args.out, drift=drift, drift_run=again)
     metrics = calib.metrics
     print(f"recommended approximation: {calib.recommended}")

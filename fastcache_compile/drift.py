@@ -19,28 +19,17 @@ skips within one generation are not independent.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .passes.block_state import _PAIRS
+from .passes.block_state import _PAIRS, collecting
 
 _RUNTIME_KEYS = ("threshold", "alpha", "warmup_steps", "num_steps", "max_streams", "refresh_every", "max_skips")
-
-
-@contextlib.contextmanager
-def _recording() -> Iterator[list[tuple[int, float, float]]]:
-    pairs: list[tuple[int, float, float]] = []
-    _PAIRS.append(pairs)
-    try:
-        yield pairs
-    finally:
-        _PAIRS.remove(pairs)
 
 
 def check_options(options: Any) -> dict[str, Any]:
@@ -68,7 +57,7 @@ def observe(
         opts = {**options, "approximation": "forecast", "calibration": os.fspath(path), "lowering": "eager"}
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="fastcache", options=opts)
-        with _recording() as pairs, torch.no_grad():
+        with collecting(_PAIRS) as pairs, torch.no_grad():
             run(compiled)
         torch._dynamo.reset()
     tensors: dict[str, torch.Tensor] = {}

@@ -53,14 +53,10 @@ def recording(recorder: Callable[..., None]) -> Iterator[None]:
 def shadow_errors() -> Iterator[list[tuple[int, float]]]:
     """Benchmark-only: with ``lowering="eager"``, every skipped block is also computed and the true
     relative output error ``‖ŷ − y‖/‖y‖`` of the prediction is appended as ``(block, error)``."""
-    from .passes.insert_cache import _SHADOW
+    from .passes.block_state import _SHADOW, collecting
 
-    errors: list[tuple[int, float]] = []
-    _SHADOW.append(errors)
-    try:
+    with collecting(_SHADOW) as errors:
         yield errors
-    finally:
-        _SHADOW.remove(errors)
 
 
 @dataclass

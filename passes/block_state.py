@@ -7,6 +7,8 @@ helpers below tell tracing from eager execution and fix the layouts ``cond`` bra
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,17 @@ _SHADOW: list[list[tuple[int, float]]] = []
 # Active conformal-pair recorders (``fastcache_compile.drift``): (block, predicted error ê, true error)
 # of every skip the eager forecast form makes.
 _PAIRS: list[list[tuple[int, float, float]]] = []
+
+
+@contextlib.contextmanager
+def collecting(registry: list[list]) -> Iterator[list]:
+    """While active, the blocks append their records for ``registry`` (``_SHADOW``/``_PAIRS``) to the list."""
+    records: list = []
+    registry.append(records)
+    try:
+        yield records
+    finally:
+        registry.remove(records)
 
 
 @dataclass(frozen=True)

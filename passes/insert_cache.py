@@ -74,12 +74,17 @@ class CachedBlock(_BlockBase):
         params = dict(params)
         # forecast: the conformal cutoff is set here for this τ, α from the stored held-out (ê, e) pairs
         pred, err = params.pop("pred", None), params.pop("err", None)
-        self._cutoff = None if pred is None or err is None else conformal.skip_cutoff(pred, err, tau, alpha)
         # pairs observed under caching (``calibrate(drift=...)``): their inputs and histories carry the
         # errors of earlier skips; the cutoff must pass the rank rule on them as well
         dpred, derr = params.pop("dpred", None), params.pop("derr", None)
-        if self._cutoff is not None and dpred is not None and derr is not None:
-            self._cutoff = conformal.joint_cutoff(pred, err, dpred, derr, tau, alpha)
+        self._cutoff = None
+        if pred is not None and err is not None:
+            drifted = dpred is not None and derr is not None
+            self._cutoff = (
+                conformal.joint_cutoff(pred, err, dpred, derr, tau, alpha)
+                if drifted
+                else conformal.skip_cutoff(pred, err, tau, alpha)
+            )
         self._e_hat: torch.Tensor | None = None  # the last ê, kept for pair recording (eager only)
         self._max_gap = None
         if form == "forecast" and "table" in params:
@@ -197,14 +202,17 @@ class CachedBlock(_BlockBase):
         )
         # Inductor traces each branch with its operands' strides but may hand the branch a buffer of
         # another layout (e.g. the transposed patch embedding); contiguous operands avoid the mismatch.
-        if _tracing(operands):
+        tracing = _tracing(operands)
+        if tracing:
             # ``.contiguous()`` alone can be dropped by Inductor; force the layout it must have.
             operands = tuple(torch.ops.prims.inductor_force_stride_order(o, _contiguous_strides(o)) for o in operands)
         else:
             operands = tuple(o.contiguous() for o in operands)
         audit_out: tuple[torch.Tensor, ...] = ()
-        if not self.audit and not _tracing(operands):
-            return self._eager_branch(bool(compute), compute, args, xs, operands, run_block, predict, state)
+        if not self.audit and not tracing:
+            return self._eager_branch(
+                bool(compute), compute, args, xs, operands, step.float(), run_block, predict, state
+            )
         if self.audit:
             # Both paths on the actual input, no branch: the true outputs give the skipped block's
             # relative error (0 where it computed), at the cost of a full computation.
@@ -212,13 +220,10 @@ class CachedBlock(_BlockBase):
             outs = tuple(torch.where(compute, t, p) for t, p in zip(true, pred))
             err = torch.stack([_rel_error(p, t) for p, t in zip(pred, true)]).amax()
             audit_out = (torch.where(compute, torch.zeros_like(err), err),)
+            if not tracing and not bool(compute):
+                self._record_skip(outs, true)  # the audit computed the true outputs already
         else:
             outs = tuple(torch.ops.higher_order.cond(compute, run_block, predict, operands))
-        if _SHADOW and not _tracing(operands) and not bool(compute):
-            # Benchmark-only check of the error bound (eager lowering): what would the block have given?
-            true = run_block(*operands)
-            err = max(float((o - t).norm() / t.norm().clamp_min(1e-12)) for o, t in zip(outs, true))
-            _SHADOW[-1].append((self.layout.index, err))
 
         # Functional state update: keep the old state where the block was skipped; on a compute the
         # history shifts by one (newest first).
@@ -230,7 +235,15 @@ class CachedBlock(_BlockBase):
         new_steps = [torch.where(compute, n, o) for n, o in zip(newer_s, steps)]
         return (*outs, *new_x_hat, *new_res, *new_steps, compute, *audit_out)
 
-    def _eager_branch(self, computes: bool, compute, args, xs, operands, run_block, predict, state) -> tuple:
+    def _record_skip(self, outs: tuple, true: tuple) -> None:
+        """A skip's true relative error (worst output, float32) for the active shadow / pair recorders."""
+        err = max(float(_rel_error(o, t)) for o, t in zip(outs, true))
+        if _SHADOW:  # benchmark-only check of the error bound
+            _SHADOW[-1].append((self.layout.index, err))
+        if _PAIRS and self._e_hat is not None:
+            _PAIRS[-1].append((self.layout.index, float(self._e_hat), err))
+
+    def _eager_branch(self, computes: bool, compute, args, xs, operands, step, run_block, predict, state) -> tuple:
         """Eager lowering: a Python branch instead of ``cond`` + ``where`` on every state tensor. The
         decision is read on the host once (eager ``cond`` reads it too); a skipped block hands its state
         back untouched and a computed one shifts its history without a select pass per tensor."""
@@ -239,19 +252,13 @@ class CachedBlock(_BlockBase):
         if not computes:
             outs = predict(*operands)
             if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
-                true = run_block(*operands)
-                err = max(float(_rel_error(o, t)) for o, t in zip(outs, true))  # float32: no fp16 overflow
-                if _SHADOW:  # benchmark-only check of the error bound
-                    _SHADOW[-1].append((lay.index, err))
-                if _PAIRS and self._e_hat is not None:
-                    _PAIRS[-1].append((lay.index, float(self._e_hat), err))
+                self._record_skip(outs, run_block(*operands))
             return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
         outs = tuple(self.block(*args))
         # The state must not share storage with tensors the rest of the graph sees (an in-place op
         # there would change the cache): x̂ and unpaired outputs are copied; residuals are new tensors.
         res = [r.clone() if p is None else r for r, p in zip(self._residuals(args, outs), lay.pairs)]
         newer = [res, *res_hist[:-1]]
-        step = operands[len(operands) - len(self._fitted) - 1]
         new_steps = [step, *steps[:-1]]
         x_new = [x.clone(memory_format=torch.contiguous_format) for x in xs]
         return (*outs, *x_new, *[r for rs in newer for r in rs], *new_steps, compute)

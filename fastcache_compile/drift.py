@@ -42,6 +42,9 @@ def check_options(options: Any) -> dict[str, Any]:
     unknown = sorted(set(options) - set(_RUNTIME_KEYS))
     if unknown:
         raise ValueError(f"drift options may only be {list(_RUNTIME_KEYS)}; got {unknown}")
+    from .config import FastCacheConfig
+
+    FastCacheConfig.from_options(dict(options))  # bad values fail here, not after the long recording
     return dict(options)
 
 

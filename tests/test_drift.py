@@ -67,3 +67,7 @@ def test_drift_options_are_checked_before_recording():
         fc.calibrate(model, _runs(range(2)), drift={"num_steps": 8})
     with pytest.raises(ValueError, match="drift options may only be"):
         fc.calibrate(model, _runs(range(2)), drift={"threshold": 0.1, "lowering": "inductor"})
+    ran: list[int] = []
+    with pytest.raises(ValueError, match="threshold must be a float >= 0"):
+        fc.calibrate(model, lambda m: ran.append(1), drift={"threshold": -0.1})
+    assert not ran  # refused before the recording pass

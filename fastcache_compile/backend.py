@@ -3,6 +3,8 @@
     Dynamo graph ─ specialize_symints ─ find_blocks ─ outline_blocks ─┬─ insert_recording ─ lower  (init)
                                                                         └─ insert_cache ───── lower  (cached)
 
+Inductor lowering first lets identical blocks share one body (``share_repeated_blocks``).
+
 Variants are built at the first call with each input signature (so every compiled graph is
 static-shaped) and held by a ``CacheRuntime``, which carries the cache state between calls.
 """
@@ -22,6 +24,7 @@ from .diffusers_hooks import Refusing, traced_owners
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
 from .passes.insert_cache import state_history
 from .passes.retarget import clone_graph_module
+from .passes.share_blocks import share_repeated_blocks
 from .passes.select_tokens import TokenPlanError, insert_token_select
 from .runtime import CacheRuntime, Variant, _warn_once, _warned  # noqa: F401  (_warned: tests clear it)
 
@@ -33,6 +36,8 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> 
         return gm
     from torch._inductor.compile_fx import compile_fx
 
+    # identical blocks are lowered once (most of the compile time of a deep stack)
+    share_repeated_blocks(gm)
     return compile_fx(gm, list(example_inputs))
 
 

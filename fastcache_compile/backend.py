@@ -24,8 +24,8 @@ from .diffusers_hooks import Refusing, traced_owners
 from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording, outline_blocks, specialize_symints
 from .passes.insert_cache import state_history
 from .passes.retarget import clone_graph_module
-from .passes.share_blocks import share_repeated_blocks
 from .passes.select_tokens import TokenPlanError, insert_token_select
+from .passes.share_blocks import share_repeated_blocks
 from .runtime import CacheRuntime, Variant, _warn_once, _warned  # noqa: F401  (_warned: tests clear it)
 
 log = logging.getLogger(__name__)

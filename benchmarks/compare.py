@@ -93,7 +93,8 @@ def _baselines(bench: Bench, meta: dict[str, Any]) -> list[Any]:
         runners += [bl.TeaCache(copy.deepcopy(m), t, coeffs, p.steps, span) for t in p.teacache]
     runners += [dhk.first_block_cache(m, t) for t in p.diffusers_fbc]
     runners += [dhk.PyramidBroadcast(m, r) for r in p.pab]
-    runners += [dhk.taylorseer(m, interval, order) for interval, order in p.taylorseer]
+    for interval, order, *scope in p.taylorseer:  # scope "blocks": forecast whole blocks, not attention only
+        runners.append(dhk.taylorseer(m, interval, order, dhk.whole_blocks(m) if scope == ["blocks"] else None))
     if p.magcache:
         ratios = dhk.calibrate_magcache(m, bench.other_runs(1, 8), p.steps)
         meta["magcache_ratios"] = ratios

@@ -126,6 +126,17 @@ def first_block_cache(model: torch.nn.Module, threshold: float) -> DiffusersCach
     )
 
 
+def whole_blocks(model: torch.nn.Module) -> list[str]:
+    """TaylorSeer identifiers for whole transformer blocks (diffusers' default forecasts attention only).
+
+    An SD3 block with ``context_pre_only`` returns ``None`` for the text stream, which diffusers'
+    TaylorSeer cannot hold (it reads every output's dtype); such blocks run uncached.
+    """
+    blocks = model.transformer_blocks
+    keep = [str(i) for i, b in enumerate(blocks) if not getattr(b, "context_pre_only", False)]
+    return [rf"transformer_blocks\.({'|'.join(keep)})"]
+
+
 def taylorseer(
     model: torch.nn.Module, interval: int, order: int = 1, identifiers: list[str] | None = None
 ) -> DiffusersCache:
@@ -138,6 +149,7 @@ def taylorseer(
     """
     if order < 1:
         raise ValueError(f"TaylorSeer order must be >= 1, got {order}")
+    setting = f"interval={interval}" + ("" if identifiers is None else " whole blocks")
     if identifiers is None and block_family(model).attention == "attn1":
         identifiers = [r"transformer_blocks\.\d+"]
     granularity = "attention" if identifiers is None else "block"
@@ -147,7 +159,7 @@ def taylorseer(
             cache_interval=interval, max_order=order, taylor_factors_dtype=torch.float32, cache_identifiers=identifiers
         )
 
-    return DiffusersCache(model, f"diffusers-taylorseer-o{order}", f"interval={interval}", make, granularity)
+    return DiffusersCache(model, f"diffusers-taylorseer-o{order}", setting, make, granularity)
 
 
 _MAG_RE = re.compile(r"MagCacheConfig\(mag_ratios=\.\.\.\):\s*\n(\[[^\]]*\])")

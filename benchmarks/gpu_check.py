@@ -82,7 +82,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(repeats: int) -> dict[str, Any]:
     from fastcache_compile.backend import _outlined
-    from fastcache_compile.export.onnx import capture
+    from fastcache_compile.export._capture import capture
     from fastcache_compile.passes import insert_cache, insert_recording
     from fastcache_compile.passes.segments import split_segments
     from fastcache_compile.segments import SegmentRunner, inductor, inductor_cudagraphs

@@ -27,7 +27,7 @@ class Plan:
     teacache: tuple[float, ...] = ()
     diffusers_fbc: tuple[float, ...] = ()
     pab: tuple[int, ...] = ()
-    taylorseer: tuple[tuple[int, int], ...] = ()  # (interval, order)
+    taylorseer: tuple[tuple, ...] = ()  # (interval, order[, "blocks": whole blocks, not attention only])
     magcache: tuple[float, ...] = ()
     cachedit: tuple[tuple[int, int, float, int], ...] = ()  # (Fn, Bn, residual diff threshold, TaylorSeer order)
     inductor_baseline: bool = True  # an uncached Inductor row (the denominator of Inductor rows' speedups)
@@ -55,7 +55,12 @@ NEW_DEFAULT = Plan(
     ),
     (),
     fora=(2, 3), fbc=(0.1,), teacache=(0.3,), diffusers_fbc=(0.1,), pab=(2,),
-    taylorseer=((2, 1), (3, 1), (2, 2), (3, 2)), magcache=(0.06,),
+    # intervals 2-10 (the issue's sweep), attention only (diffusers' default) and whole blocks
+    taylorseer=(
+        *((i, o) for i in (2, 3) for o in (1, 2)),
+        *((i, o, "blocks") for i in (2, 3, 4, 6, 8, 10) for o in (1, 2)),
+    ),
+    magcache=(0.06,),
     # Bn ≥ 1: with Bn = 0, cache-dit 1.5.3 looks up a "Bn_residual" state after a context refresh that
     # it never wrote (AssertionError on the trained model's second generation).
     cachedit=((1, 1, 0.08, 0), (1, 1, 0.16, 0), (1, 1, 0.08, 1), (1, 1, 0.16, 1)),

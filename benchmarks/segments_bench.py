@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fastcache_compile.backend import _outlined
-from fastcache_compile.export.onnx import capture
+from fastcache_compile.export._capture import capture
 from fastcache_compile.passes import insert_cache, insert_recording
 from fastcache_compile.passes.segments import split_segments
 from fastcache_compile.segments import SegmentRunner, eager, inductor

@@ -229,7 +229,7 @@ def _check_model(model: nn.Module, manifest: dict[str, Any]) -> None:
     from fastcache_compile.backend import _outlined
     from fastcache_compile.calibration import graph_fingerprint
 
-    from .onnx import capture
+    from ._capture import capture
 
     first = manifest["variants"][0]
     # Any values of the exported shapes do: the fingerprint reads block structure and parameters only.

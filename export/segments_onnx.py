@@ -34,8 +34,9 @@ from fastcache_compile.runtime import Variant
 from fastcache_compile.segments import SegmentRunner
 
 from . import _manifest
+from ._capture import _classify, _output_info, _Rewritten, capture
 from ._graph import export_graph, verify_graph
-from .onnx import CALIBRATION_FILE, _classify, _output_info, _Rewritten, capture, manifest_head
+from .onnx import CALIBRATION_FILE, manifest_head
 from .runner import ExportedModel, _providers, _Session
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from .passes import BlockPlanError, find_blocks, insert_cache, insert_recording,
 from .passes.insert_cache import state_history
 from .passes.retarget import clone_graph_module
 from .passes.select_tokens import TokenPlanError, insert_token_select
-from .passes.share_blocks import share_repeated_blocks
+from .passes.share_blocks import share_repeated_blocks, unshare
 from .runtime import CacheRuntime, Variant, _warn_once, _warned  # noqa: F401  (_warned: tests clear it)
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,19 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> 
     from torch._inductor.compile_fx import compile_fx
 
     # identical blocks are lowered once (most of the compile time of a deep stack)
-    share_repeated_blocks(gm)
-    return compile_fx(gm, list(example_inputs))
+    shared = share_repeated_blocks(gm)
+    try:
+        return compile_fx(gm, list(example_inputs))
+    except Exception as err:
+        if not shared:
+            raise
+        # a graph Inductor cannot lower with shared bodies still compiles, block by block
+        unshare(shared)
+        _warn_once(
+            f"fastcache: Inductor could not lower the shared block bodies ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); compiling every block on its own"
+        )
+        return compile_fx(gm, list(example_inputs))
 
 
 _SEGMENTED = ("segments", "tensorrt")

@@ -92,9 +92,12 @@ def _region_options() -> Any:
     return NestedCompileRegionOptions(decompositions=select_decomp_table())
 
 
-def share_repeated_blocks(gm: fx.GraphModule) -> int:
-    """Let identical blocks of each stack share one body; returns how many blocks now share one."""
-    groups: dict[tuple, list[tuple[nn.Module, str, fx.GraphModule]]] = {}
+Slot = tuple[nn.Module, str, fx.GraphModule]  # (owner, attribute, the block graph it held)
+
+
+def share_repeated_blocks(gm: fx.GraphModule) -> list[Slot]:
+    """Let identical blocks of each stack share one body; returns the slots changed (for ``unshare``)."""
+    groups: dict[tuple, list[Slot]] = {}
     for scope, owner, attr, block in _block_slots(gm):
         # Blocks are grouped within a stack only: stacks re-specialised to other token counts keep
         # the original graphs' shape metadata, and identifiers must not mix shapes.
@@ -103,17 +106,23 @@ def share_repeated_blocks(gm: fx.GraphModule) -> int:
             groups.setdefault((scope, key), []).append((owner, attr, block))
     repeated = [members for members in groups.values() if len(members) > 1]
     if not repeated:
-        return 0
+        return []
     try:
         options = _region_options()
     except ImportError as err:  # an older torch without nested compile regions: compile as before
         log.info("fastcache: blocks are compiled one by one (%s)", err)
-        return 0
-    shared = 0
+        return []
+    changed: list[Slot] = []
     for g, members in enumerate(repeated):
         body = members[0][2]
         body.meta["nested_region_config"] = options
-        for owner, attr, _ in members:
+        for owner, attr, block in members:
             setattr(owner, attr, SharedBlock(body, f"fastcache_block_body_{g}"))
-        shared += len(members)
-    return shared
+            changed.append((owner, attr, block))
+    return changed
+
+
+def unshare(changed: list[Slot]) -> None:
+    """Give every changed slot its own block graph back (``share_repeated_blocks`` undone)."""
+    for owner, attr, block in changed:
+        setattr(owner, attr, block)

@@ -1,12 +1,13 @@
 """Identical blocks share one compiled body (``passes/share_blocks.py``)."""
 
+import pytest
 import torch
 from torch import fx
 
 import fastcache_compile as fc
 import fastcache_compile.backend as backend
-from fastcache_compile.passes.block_state import _BlockBase
-from fastcache_compile.passes.share_blocks import SharedBlock, share_repeated_blocks, signature
+from fastcache_compile.passes.block_state import _BlockBase, _tracing
+from fastcache_compile.passes.share_blocks import SharedBlock, share_repeated_blocks, signature, unshare
 from models import CASES, compile_eager, sample
 
 
@@ -34,7 +35,7 @@ def test_uniform_stack_shares_one_body_and_computes_the_same(built, monkeypatch)
         n_blocks = len(_blocks(gm))
         with torch.no_grad():
             before = gm(*example)
-        assert share_repeated_blocks(gm) == n_blocks > 1
+        assert len(share_repeated_blocks(gm)) == n_blocks > 1
         bodies = {b.graph_module for b in _blocks(gm)}
         assert all(isinstance(b, SharedBlock) for b in _blocks(gm)) and len(bodies) == 1
         with torch.no_grad():  # eagerly a shared block runs its body: same outputs, same state
@@ -110,3 +111,28 @@ def test_inductor_lowers_the_shared_body(built, monkeypatch):
     assert created, "no block reached Inductor as a shared invoke_subgraph body"
     assert fc.stats(cm)["per_block_skipped"] == eager_skips and sum(eager_skips) > 0
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-4)
+
+
+def test_unshare_restores_every_block(built, monkeypatch):
+    model, case = built["handwritten"], CASES["handwritten"]
+    gm = _graphs_to_lower(monkeypatch, model, case, threshold=0.3)[-1][0]
+    before = _blocks(gm)
+    unshare(share_repeated_blocks(gm))
+    assert _blocks(gm) == before and not any(isinstance(m, SharedBlock) for m in gm.modules())
+
+
+def test_a_failed_shared_lowering_warns_once_and_compiles_block_by_block(built, monkeypatch):
+    def unsupported(self, *args):
+        if _tracing(args):
+            raise NotImplementedError("shared bodies unsupported here")
+        return self.graph_module(*args)
+
+    monkeypatch.setattr(SharedBlock, "forward", unsupported)
+    backend._warned.clear()
+    model, case = built["handwritten"], CASES["handwritten"]
+    ref = sample(model, case, cfg=None, steps=4)
+    with pytest.warns(UserWarning, match="could not lower the shared block bodies") as caught:
+        cm = torch.compile(model, backend="fastcache", options={"threshold": 0.0}, fullgraph=True)
+        out = sample(cm, case, cfg=None, steps=4)
+    assert sum("shared block bodies" in str(w.message) for w in caught) == 1  # init and cached: one message
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

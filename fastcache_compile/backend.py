@@ -43,13 +43,14 @@ def _lower(gm: fx.GraphModule, example_inputs: Sequence[Any], lowering: str) -> 
     except Exception as err:
         if not shared:
             raise
-        # a graph Inductor cannot lower with shared bodies still compiles, block by block
+        # a graph Inductor cannot lower with shared bodies still compiles, block by block; on a copy, since
+        # the failed attempt left Dynamo metadata on this one that a second attempt trips over
         unshare(shared)
         _warn_once(
             f"fastcache: Inductor could not lower the shared block bodies ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); compiling every block on its own"
         )
-        return compile_fx(gm, list(example_inputs))
+        return compile_fx(clone_graph_module(gm), list(example_inputs))
 
 
 _SEGMENTED = ("segments", "tensorrt")

@@ -89,10 +89,12 @@ def test_signature_tells_blocks_apart():
 
 
 def test_inductor_lowers_the_shared_body(built, monkeypatch):
+    from torch._functorch import config as aot_config
     from torch._inductor import config, ir
 
-    # a warm FX graph cache would skip lowering altogether
-    monkeypatch.setattr(config, "fx_graph_cache", False)
+    # a warm FX graph or AOT cache would skip lowering altogether
+    no_cache = config.patch(fx_graph_cache=False)
+    no_aot_cache = aot_config.patch(enable_autograd_cache=False)
     created = []
     create = ir.InvokeSubgraph.create.__func__
 
@@ -107,7 +109,8 @@ def test_inductor_lowers_the_shared_body(built, monkeypatch):
     eager_skips = fc.stats(eager_cm)["per_block_skipped"]
     torch._dynamo.reset()
     cm = torch.compile(model, backend="fastcache", options={"threshold": 0.3}, fullgraph=True)
-    out = sample(cm, case, steps=6)
+    with no_cache, no_aot_cache:
+        out = sample(cm, case, steps=6)
     assert created, "no block reached Inductor as a shared invoke_subgraph body"
     assert fc.stats(cm)["per_block_skipped"] == eager_skips and sum(eager_skips) > 0
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-4)
@@ -122,6 +125,13 @@ def test_unshare_restores_every_block(built, monkeypatch):
 
 
 def test_a_failed_shared_lowering_warns_once_and_compiles_block_by_block(built, monkeypatch):
+    from torch._functorch import config as aot_config
+    from torch._inductor import config
+
+    # cached artifacts of an earlier test would skip the tracing that fails here
+    no_cache = config.patch(fx_graph_cache=False)
+    no_aot_cache = aot_config.patch(enable_autograd_cache=False)
+
     def unsupported(self, *args):
         if _tracing(args):
             raise NotImplementedError("shared bodies unsupported here")
@@ -131,7 +141,7 @@ def test_a_failed_shared_lowering_warns_once_and_compiles_block_by_block(built, 
     backend._warned.clear()
     model, case = built["handwritten"], CASES["handwritten"]
     ref = sample(model, case, cfg=None, steps=4)
-    with pytest.warns(UserWarning, match="could not lower the shared block bodies") as caught:
+    with no_cache, no_aot_cache, pytest.warns(UserWarning, match="could not lower the shared block bodies") as caught:
         cm = torch.compile(model, backend="fastcache", options={"threshold": 0.0}, fullgraph=True)
         out = sample(cm, case, cfg=None, steps=4)
     assert sum("shared block bodies" in str(w.message) for w in caught) == 1  # init and cached: one message

@@ -119,6 +119,17 @@ def test_diffusers_taylorseer_orders_forecast_attention(ref: Reference, plain: t
     assert not torch.equal(out, plain)
 
 
+def test_diffusers_taylorseer_on_whole_blocks(ref: Reference, plain: torch.Tensor) -> None:
+    ids = dhk.whole_blocks(ref.transformer)
+    # the last block is context_pre_only: it returns None for the text stream, which TaylorSeer cannot hold
+    assert ids == [r"transformer_blocks\.(0|1)"]
+    ts = dhk.taylorseer(ref.transformer, interval=2, order=1, identifiers=ids)
+    assert ts.granularity == "block" and ts.setting == "interval=2 whole blocks"
+    out = _run(ref, ts)
+    assert 0.0 < ts.counter.block_skip_fraction() < 1.0
+    assert not torch.equal(out, plain)
+
+
 def test_taylorseer_orders_differ(ref: Reference) -> None:
     one = _run(ref, dhk.taylorseer(ref.transformer, interval=2, order=1))
     two = _run(ref, dhk.taylorseer(ref.transformer, interval=2, order=2))

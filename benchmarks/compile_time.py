@@ -39,6 +39,11 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+def _no_sharing(gm: Any) -> list:
+    """``share_repeated_blocks`` turned off: every block compiled on its own, as before the pass."""
+    return []
+
+
 def _row(mode: str, share: bool, steps: int, repeats: int, image_path: str) -> dict[str, Any]:
     """One cold compile, in this (fresh) process."""
     import torch
@@ -48,8 +53,8 @@ def _row(mode: str, share: bool, steps: int, repeats: int, image_path: str) -> d
     from fastcache_compile.reference import load, sample
 
     torch.set_num_threads(1)
-    if not share:  # the lowering as it was before blocks shared a body
-        backend.share_repeated_blocks = lambda gm: 0
+    if not share:
+        backend.share_repeated_blocks = _no_sharing
     lowered: list[float] = []
     lower = backend._lower
 
@@ -102,7 +107,7 @@ def _runtime(modes: list[str], steps: int, repeats: int) -> list[dict[str, Any]]
     for mode in modes:
         models = {}
         for shared, tau in ((True, 0.1), (False, 0.1 + 1e-12)):
-            backend.share_repeated_blocks = share if shared else (lambda gm: [])
+            backend.share_repeated_blocks = share if shared else _no_sharing
             options = {"threshold": tau, "lowering": "inductor", **MODES[mode]}
             models[shared] = torch.compile(ref.transformer, backend="fastcache", options=options)
             with torch.no_grad():  # compiles init and cached variants

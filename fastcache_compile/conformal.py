@@ -52,6 +52,15 @@ def skip_cutoff(pred: torch.Tensor, err: torch.Tensor, tau: float, alpha: float)
     _check_alpha(alpha)
     if tau <= 0 or pred.numel() == 0:
         return -math.inf
+    p, passes = _prefix_passes(pred, err, tau, alpha)
+    idx = torch.nonzero(passes).reshape(-1)
+    return float(p[idx[-1]]) if idx.numel() else -math.inf
+
+
+def _prefix_passes(
+    pred: torch.Tensor, err: torch.Tensor, tau: float, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictions sorted, and per candidate cutoff ``p[i]`` whether the errors it skips pass the rank rule."""
     p = pred.detach().double()
     order = torch.argsort(p)
     p, ok = p[order], (err.detach().double()[order] <= tau)
@@ -60,9 +69,7 @@ def skip_cutoff(pred: torch.Tensor, err: torch.Tensor, tau: float, alpha: float)
     need = torch.tensor([rank(int(m), alpha) for m in n_c])
     # rank rule: the need-th smallest error of the prefix is ≤ τ  ⇔  at least `need` errors are ≤ τ;
     # a cutoff must not split tied predictions (they are skipped together)
-    passes = (n_ok >= need) & (need <= n_c) & torch.cat([p[1:] > p[:-1], torch.tensor([True])])
-    idx = torch.nonzero(passes).reshape(-1)
-    return float(p[idx[-1]]) if idx.numel() else -math.inf
+    return p, (n_ok >= need) & (need <= n_c) & torch.cat([p[1:] > p[:-1], torch.tensor([True])])
 
 
 def joint_cutoff(
@@ -75,13 +82,7 @@ def joint_cutoff(
     if tau <= 0 or pred.numel() == 0 or dpred.numel() == 0:
         return -math.inf
     _check_alpha(alpha)
-    p = pred.detach().double()
-    order = torch.argsort(p)
-    p, ok = p[order], (err.detach().double()[order] <= tau)
-    n_c = torch.arange(1, p.numel() + 1)
-    n_ok = torch.cumsum(ok.long(), 0)
-    need = torch.tensor([rank(int(m), alpha) for m in n_c])
-    passes = (n_ok >= need) & (need <= n_c) & torch.cat([p[1:] > p[:-1], torch.tensor([True])])
+    p, passes = _prefix_passes(pred, err, tau, alpha)
     dp = dpred.detach().double()
     d_order = torch.argsort(dp)
     dp, d_ok = dp[d_order], torch.cumsum((derr.detach().double()[d_order] <= tau).long(), 0)

@@ -37,9 +37,8 @@ from .insert_cache import _block_calls, insert_cache, insert_recording
 from .outline_blocks import _value
 from .reduce_stats import collective_group
 from .retarget import RetargetError, clone_graph_module, retarget, verify_by_tiling
-from .token_stack import TokenInput, TokenPlan, TokenStack, _InitStack, branches, gather_rows
+from .token_stack import STACK, TokenInput, TokenPlan, TokenStack, _InitStack, _stack_call, _wire, branches, gather_rows
 
-STACK = "fastcache_stack_0"
 _TILING_TOLERANCE = 1e-3
 
 
@@ -78,10 +77,6 @@ def split_stack(gm: fx.GraphModule) -> fx.GraphModule:
         head.prepend(ph)
     stack.recompile()
     return fused
-
-
-def _stack_call(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == STACK)
 
 
 def _capture_stack_args(gm: fx.GraphModule, args: Sequence[Any]) -> list[Any]:
@@ -276,38 +271,3 @@ def insert_token_select(
     init = _wire(clone_graph_module(gm), init_stack, n_bs, plan, with_state=False)
     init.meta["fastcache_layouts"] = lays
     return init, cached, plan
-
-
-def _wire(gm: fx.GraphModule, module: nn.Module, n_bs: int, plan: TokenPlan, with_state: bool) -> fx.GraphModule:
-    """Call ``module`` in place of the stack; graph output becomes
-    ``(*outputs, *block_state, x̂0, r̂, computed, tokens_run)``."""
-    graph = gm.graph
-    call = _stack_call(gm)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    names = [f"fc_state_{i}" for i in range(n_bs)] + ["fc_x0_hat", "fc_r_hat", "fc_step", "fc_force"]
-    if not with_state:
-        names = ["fc_step"]
-    anchor, new_inputs = placeholders[-1], []
-    for name in names:
-        with graph.inserting_after(anchor):
-            anchor = graph.placeholder(name)
-        new_inputs.append(anchor)
-    gm.add_submodule("fastcache_tokens", module)
-    with graph.inserting_after(call):
-        new_call = graph.call_module("fastcache_tokens", (*call.args, *new_inputs))
-    call.replace_all_uses_with(new_call)
-    graph.erase_node(call)
-    gm.delete_submodule(STACK)
-    n_out = plan.num_outputs
-    with graph.inserting_after(new_call):
-        get = [graph.call_function(operator.getitem, (new_call, n_out + j)) for j in range(n_bs + 4)]
-    bstate, computed, xh0, rh, count = get[:n_bs], get[n_bs], get[n_bs + 1], get[n_bs + 2], get[n_bs + 3]
-    output = next(n for n in graph.nodes if n.op == "output")
-    orig = output.args[0]
-    orig_list = list(orig) if isinstance(orig, (tuple, list)) else [orig]
-    output.args = ((*orig_list, *bstate, xh0, rh, computed, count),)
-    gm.meta["fastcache_num_outputs"] = len(orig_list)
-    gm.meta["fastcache_output_is_seq"] = isinstance(orig, (tuple, list))
-    graph.lint()
-    gm.recompile()
-    return gm

@@ -9,11 +9,13 @@ branches are chosen in-graph with nested ``torch.cond`` on the number of moving 
                     back; every other token gets x0_i + r̂_i (its cached residual)
 
 ``_InitStack`` is the first call of a generation: every block on every token, emitting the state.
+``_wire`` puts either module in place of the stack call and adds the state to the graph's inputs and outputs.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +26,12 @@ from fastcache_compile import approx
 from fastcache_compile import tokens as T
 
 from .block_state import _contiguous_strides, _tracing
+
+STACK = "fastcache_stack_0"  # the fused block stack's submodule (``select_tokens.split_stack``)
+
+
+def _stack_call(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == STACK)
 
 
 @dataclass(frozen=True)
@@ -232,3 +240,38 @@ class _InitStack(nn.Module):
         run = torch.full((), float(self.plan.num_tokens), device=x0.device)
         # x̂0 must be its own tensor: block 0's state already holds x0, and state inputs may not alias.
         return (*outs, *bstate, computed, _clone(x0), (y - x0).contiguous(), run)
+
+
+def _wire(gm: fx.GraphModule, module: nn.Module, n_bs: int, plan: TokenPlan, with_state: bool) -> fx.GraphModule:
+    """Call ``module`` in place of the stack; graph output becomes
+    ``(*outputs, *block_state, x̂0, r̂, computed, tokens_run)``."""
+    graph = gm.graph
+    call = _stack_call(gm)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = [f"fc_state_{i}" for i in range(n_bs)] + ["fc_x0_hat", "fc_r_hat", "fc_step", "fc_force"]
+    if not with_state:
+        names = ["fc_step"]
+    anchor, new_inputs = placeholders[-1], []
+    for name in names:
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(name)
+        new_inputs.append(anchor)
+    gm.add_submodule("fastcache_tokens", module)
+    with graph.inserting_after(call):
+        new_call = graph.call_module("fastcache_tokens", (*call.args, *new_inputs))
+    call.replace_all_uses_with(new_call)
+    graph.erase_node(call)
+    gm.delete_submodule(STACK)
+    n_out = plan.num_outputs
+    with graph.inserting_after(new_call):
+        get = [graph.call_function(operator.getitem, (new_call, n_out + j)) for j in range(n_bs + 4)]
+    bstate, computed, xh0, rh, count = get[:n_bs], get[n_bs], get[n_bs + 1], get[n_bs + 2], get[n_bs + 3]
+    output = next(n for n in graph.nodes if n.op == "output")
+    orig = output.args[0]
+    orig_list = list(orig) if isinstance(orig, (tuple, list)) else [orig]
+    output.args = ((*orig_list, *bstate, xh0, rh, computed, count),)
+    gm.meta["fastcache_num_outputs"] = len(orig_list)
+    gm.meta["fastcache_output_is_seq"] = isinstance(orig, (tuple, list))
+    graph.lint()
+    gm.recompile()
+    return gm

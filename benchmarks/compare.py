@@ -69,13 +69,13 @@ class Bench:
     def batch(self, model: Any, lo: int, hi: int, steps: int | None = None) -> torch.Tensor:
         return self.gen(model, self.labels[lo:hi], self.seeds[lo:hi], steps)
 
-    def other_runs(self, generations: int, size: int) -> Any:
+    def other_runs(self, generations: int, size: int, first: int = OTHER_SEEDS) -> Any:
         """``run(m)``: ``generations`` full-length generations of ``size`` samples with unused seeds."""
 
         def run(m: Any) -> None:
             for g in range(generations):
                 idx = range(g * size, (g + 1) * size)
-                self.gen(m, torch.tensor(list(idx)) % 10, [OTHER_SEEDS + i for i in idx])
+                self.gen(m, torch.tensor(list(idx)) % 10, [first + i for i in idx])
 
         return run
 
@@ -114,7 +114,11 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
 
     need_forecast = any(row[0] == "forecast" for row in p.fastcache)
     runs = bench.other_runs(p.calibration_generations, 4)
-    meta["calibration"] = ensure_calibration(m, calib, runs, probe, need_forecast)
+    fit: dict[str, Any] = {"forecast_max_gap": p.calibration_max_gap}
+    if p.calibration_drift is not None:  # drift pairs on seeds neither the fit nor the rows use
+        fit["drift"] = {"num_steps": p.steps, **p.calibration_drift}
+        fit["drift_run"] = bench.other_runs(p.calibration_generations, 4, first=OTHER_SEEDS + 500_000)
+    meta["calibration"] = ensure_calibration(m, calib, runs, probe, need_forecast, **fit)
     form = resolve_form("auto", load_calibration(calib))
     runners: list[Any] = []
     for approximation, tau, low, *extra in p.fastcache:
@@ -331,13 +335,14 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def _mode(args: argparse.Namespace) -> str:
-    return "quick" if args.quick else "small" if args.small else "default"
+    return "quick" if args.quick else "small" if args.small else "long" if args.long else "default"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="README demo: new MMDiT, 32 samples, eager rows only")
     ap.add_argument("--small", action="store_true", help="per-call overhead: new MMDiT, batch 8, eager rows only")
+    ap.add_argument("--long", action="store_true", help="new MMDiT at 50 steps: gaps up to 8, 32 samples, eager rows")
     ap.add_argument("--model", choices=("new", "old", "both"), help="default: new with --quick, else both")
     ap.add_argument("--checkpoint", type=Path, help="folder of the new reference model (default: the shipped one)")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results[/quick]; old model: old-dit/)")

@@ -113,9 +113,12 @@ def ensure_calibration(
     run: Callable[[Any], Any],
     probe: Callable[[Any], Any],
     need_forecast: bool = False,
+    **fit: Any,
 ) -> dict[str, Any]:
     """Use the calibration file at ``path`` if it belongs to ``model``; otherwise fit one with
-    ``run`` (a few short generations of seeds the benchmark does not use) and save it there.
+    ``run`` (a few short generations of seeds the benchmark does not use) and save it there; ``fit``:
+    further ``calibrate`` options (the forecaster's gap range, drift pairs). A file fitted with another
+    gap range is refitted.
 
     The reference checkpoint is rewritten while training runs, and a calibration is pinned to the
     weights by its fingerprint, so a stale file is refitted rather than failing the benchmark.
@@ -123,8 +126,12 @@ def ensure_calibration(
     info: dict[str, Any] = {"path": path.name}
     if path.exists():
         why = _calibration_fits(model, path, probe)
-        if why is None and need_forecast and "forecast_order" not in load_calibration(path).metrics:
+        metrics = load_calibration(path).metrics if why is None else {}
+        if why is None and need_forecast and "forecast_order" not in metrics:
             why = "fitted before the forecaster existed (no forecast weights)"
+        gap = fit.get("forecast_max_gap")
+        if why is None and need_forecast and gap is not None and metrics.get("forecast_max_gap") != gap:
+            why = f"its forecaster covers gaps up to {metrics.get('forecast_max_gap')}, the plan asks for {gap}"
         if why is None:
             calib = load_calibration(path)
             info.update(source="shipped", recommended=calib.recommended, metrics=calib.metrics)
@@ -133,7 +140,7 @@ def ensure_calibration(
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        calib = fastcache_compile.calibrate(model, run, path)
+        calib = fastcache_compile.calibrate(model, run, path, **fit)
     info.update(source="calibrated now", recommended=calib.recommended, metrics=calib.metrics)
     return info
 

@@ -31,6 +31,8 @@ class Plan:
     magcache: tuple[float, ...] = ()
     cachedit: tuple[tuple[int, int, float, int], ...] = ()  # (Fn, Bn, residual diff threshold, TaylorSeer order)
     inductor_baseline: bool = True  # an uncached Inductor row (the denominator of Inductor rows' speedups)
+    calibration_max_gap: int = 4  # the forecaster table's largest gap (``calibrate(forecast_max_gap=...)``)
+    calibration_drift: dict | None = None  # ``calibrate(drift=...)`` options when the benchmark fits one
     probe: bool = True  # the diffusers cache-config compatibility probe
 
 
@@ -113,6 +115,24 @@ OLD_QUICK = Plan(
     fora=(2,), taylorseer=((2, 2),), cachedit=((1, 0, 0.08, 1),),
     inductor_baseline=False, probe=False,
 )  # fmt: skip
+# Longer sampler (50 steps): consecutive steps are closer, so larger gaps between computes pay off; the
+# forecaster's table covers gaps up to 8 and its drift pairs are recorded under the refresh-every-6 policy.
+NEW_LONG = Plan(
+    "long", 32, 16, 50, 8, 4,
+    (
+        ("forecast", 0.2, "eager"),
+        *(("forecast", t, "eager", {"refresh_every": n, "num_steps": None}) for n in (4, 6, 8) for t in (0.2, 0.3)),
+    ),
+    (),
+    fora=(3, 5),
+    taylorseer=tuple((i, o, "blocks") for i in (4, 6, 8, 10) for o in (1, 2)),
+    cachedit=((1, 1, 0.16, 1),),
+    inductor_baseline=False,
+    probe=False,
+    calibration_max_gap=8,
+    calibration_drift={"threshold": 0.3, "alpha": 0.05, "warmup_steps": 2, "refresh_every": 6},
+)  # fmt: skip
 PLANS = {("new", "default"): NEW_DEFAULT, ("new", "quick"): NEW_QUICK, ("new", "small"): NEW_SMALL}
+PLANS[("new", "long")] = NEW_LONG
 PLANS[("old", "default")] = OLD_DEFAULT
 PLANS[("old", "quick")] = OLD_QUICK

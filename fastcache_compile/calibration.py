@@ -153,6 +153,8 @@ def calibrate(
     max_rows: int = 1024,
     drift: dict[str, Any] | None = None,
     drift_run: Callable[[torch.nn.Module], Any] | None = None,
+    forecast_orders: tuple[int, ...] = forecast_fit.ORDERS,
+    forecast_max_gap: int = forecast_fit.MAX_GAP,
 ) -> Calibration:
     """Fit the skip-path maps of ``model`` from full computations driven by ``run``.
 
@@ -164,6 +166,11 @@ def calibrate(
     ``{"threshold": 0.2, "num_steps": 20}``). Then ``drift_run`` (default: ``run``; better, other
     seeds) runs again with the cache on, every skip is also computed, and the conformal cutoff must
     hold on those drifted (ê, e) pairs too (``fastcache_compile.drift``).
+
+    ``forecast_orders``: the forecaster orders K compared on held-out generations (one forces it; a
+    smaller K needs fewer computed steps before its first skip). ``forecast_max_gap``: the largest step
+    gap its weight table covers, so a block skips at most ``forecast_max_gap − 1`` steps in a row (4
+    suits ~20 steps; larger gaps pay off with more sampling steps).
     """
     import torch._dynamo
 
@@ -172,7 +179,9 @@ def calibrate(
     from .config import FastCacheConfig
     from .runtime import recording
 
-    drift_options = None if drift is None else _drift.check_options(drift)  # before the long recording
+    # options are checked before the long recording
+    forecast_fit.check_options(forecast_orders, forecast_max_gap)
+    drift_options = None if drift is None else _drift.check_options(drift)
     base = getattr(model, "_orig_mod", model)
     rec = _Recording(max_rows=max_rows)
     cfg = FastCacheConfig(threshold=0.0, warmup_steps=0, lowering="eager", max_streams=64)
@@ -195,7 +204,11 @@ def calibrate(
     stack_scores = _classic_fit.score_stack(held, rec.layouts, train_fit)
     tensors = _classic_fit.fit(seqs, rec.layouts, ridge) | _classic_fit.fit_stack(seqs, rec.layouts, ridge)
     recommended = min(scores, key=scores.get)
-    fc_tensors, fc_metrics = forecast_fit.fit(seqs, rec.layouts) if len(seqs) >= 2 else ({}, {})
+    fc_tensors, fc_metrics = (
+        forecast_fit.fit(seqs, rec.layouts, orders=forecast_orders, max_gap=forecast_max_gap)
+        if len(seqs) >= 2
+        else ({}, {})
+    )
     tensors |= fc_tensors
     metrics = {
         **fc_metrics,

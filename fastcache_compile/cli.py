@@ -162,7 +162,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     # drift pass: the same number of generations on other seeds, cached at the given τ
     drift = None if args.drift_threshold is None else {"threshold": args.drift_threshold, "num_steps": steps}
     again = functools.partial(drive, first=args.seed + 10_000)
-    calib = fastcache_compile.calibrate(ref.transformer, drive, args.out, drift=drift, drift_run=again)
+    orders = tuple(int(k) for k in args.forecast_orders.split(","))
+    calib = fastcache_compile.calibrate(
+        ref.transformer, drive, args.out, drift=drift, drift_run=again,
+        forecast_orders=orders, forecast_max_gap=args.forecast_max_gap,
+    )  # fmt: skip
     metrics = calib.metrics
     print(f"recommended approximation: {calib.recommended}")
     for form, err in sorted(metrics.get("heldout_rel_error", {}).items(), key=lambda kv: kv[1]):
@@ -262,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="calibration file to write (safetensors)")
     cal.add_argument("--generations", type=int, default=4, help="generations to fit on (every 4th is held out)")
     cal.add_argument("--drift-threshold", type=float, help="also record forecaster skips cached at this τ")
+    cal.add_argument("--forecast-orders", default="1,2,3", help="forecaster orders K to compare, e.g. 2 or 1,2,3")
+    cal.add_argument("--forecast-max-gap", type=int, default=4, help="largest step gap of the forecaster's table")
     _sampling_options(cal, n=2, seed=1000)  # seeds apart from generate's, so its images are held out
 
     bench = commands.add_parser("bench", help="timing table: uncached vs fastcache, after warm-up")

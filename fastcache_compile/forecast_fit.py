@@ -25,9 +25,10 @@ import torch
 
 from . import conformal, forecast
 
-ORDERS = (1, 2, 3)
-# Weight-table gap range. In-graph a block skips only while t − s_1 < MAX_GAP (at most MAX_GAP − 1
-# skips in a row), so the gaps of its history, between computes, never exceed MAX_GAP.
+ORDERS = (1, 2, 3)  # forecaster orders K compared by held-out error (default)
+# Weight-table gap range (default). In-graph a block skips only while t − s_1 < max_gap (at most
+# max_gap − 1 skips in a row), so the gaps of its history, between computes, never exceed max_gap.
+# 4 suits ~20 steps; longer samplers can take larger gaps (the table has max_gap**K rows).
 MAX_GAP = 4
 MAX_PAIRS = 4096  # held-out (ê, e) pairs kept per block in the file
 
@@ -58,12 +59,14 @@ def _grams(gen: list, block: int, lay: Any) -> _Grams | None:
     return _Grams(ms, ys, x @ x.T)
 
 
-def _rel_errors(g: _Grams, table: torch.Tensor, order: int, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _rel_errors(
+    g: _Grams, table: torch.Tensor, order: int, t: torch.Tensor, s: torch.Tensor, max_gap: int
+) -> torch.Tensor:
     """(E,) relative output errors of forecasts at ``t`` from the first ``order`` computed steps of ``s``:
     the worst over the block's paired outputs, as the audit measures a skipped block."""
     hist = s[:, :order]
     steps = torch.cat([t[:, None], hist], 1)  # (E, K + 1)
-    w = table[forecast.pattern_index(steps[:, :-1] - steps[:, 1:], MAX_GAP)]
+    w = table[forecast.pattern_index(steps[:, :-1] - steps[:, 1:], max_gap)]
     per_out = [
         (forecast.squared_errors(m, t, hist, w).clamp_min(0.0) / y[t].clamp_min(1e-30)).sqrt()
         for m, y in zip(g.ms, g.ys)
@@ -71,10 +74,10 @@ def _rel_errors(g: _Grams, table: torch.Tensor, order: int, t: torch.Tensor, s: 
     return torch.stack(per_out).amax(0)
 
 
-def _examples(num_steps: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(t, s)`` of the forecasts the graph can make: all gaps ≤ MAX_GAP, and t − s_1 < MAX_GAP."""
-    t, s, _ = forecast.examples(num_steps, order, MAX_GAP)
-    keep = (t - s[:, 0]) < MAX_GAP
+def _examples(num_steps: int, order: int, max_gap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, s)`` of the forecasts the graph can make: all gaps ≤ max_gap, and t − s_1 < max_gap."""
+    t, s, _ = forecast.examples(num_steps, order, max_gap)
+    keep = (t - s[:, 0]) < max_gap
     return t[keep], s[keep]
 
 
@@ -84,20 +87,32 @@ def _features(g: _Grams, t: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
     return conformal.error_features(delta2.float(), (t - s1).float(), t.float())
 
 
-def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 0.0, min_count: int = 4) -> tuple[dict, dict]:
+def fit(
+    seqs: list[list],
+    layouts: list[Any],
+    *,
+    ridge: float = 0.0,
+    min_count: int = 4,
+    orders: tuple[int, ...] = ORDERS,
+    max_gap: int = MAX_GAP,
+) -> tuple[dict, dict]:
     """Forecaster tensors and metrics from recorded generations (≥ 2 needed for held-out scores).
+
+    ``orders``: the K compared (held-out mean error picks one; a single order forces it); ``max_gap``:
+    the largest step gap the weight table covers.
 
     Tensors: ``fc_table.{i}`` (G^K, K) weights, ``fc_coef.{i}`` (4,) error model, ``fc_pred.{i}`` /
     ``fc_err.{i}`` held-out (ê, e) pairs; metrics: held-out mean relative error per order (fitted and
     fixed polynomial weights), the chosen order, and the number of held-out forecasts.
     """
+    check_options(orders, max_gap)
     if len(seqs) < 2:
         raise ValueError("the forecaster needs at least 2 calibration generations (one is held out)")
     held = seqs[1::2]  # every second generation is held out: conformal pairs need fresh data
     train = seqs[0::2]
-    k_max = max(ORDERS)
-    per_order: dict[str, list[float]] = {f"fitted_k{k}": [] for k in ORDERS}
-    per_order |= {f"fixed_k{k}": [] for k in ORDERS}
+    k_max = max(orders)
+    per_order: dict[str, list[float]] = {f"fitted_k{k}": [] for k in orders}
+    per_order |= {f"fixed_k{k}": [] for k in orders}
     tables: dict[int, dict[int, torch.Tensor]] = {}
     grams: dict[int, tuple[list[_Grams], list[_Grams]]] = {}
     for i, lay in enumerate(layouts):
@@ -107,17 +122,17 @@ def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 0.0, min_count: 
             continue  # no paired output: the skip path reuses the cached output
         grams[i] = (tr, he)
         tables[i] = {}
-        for k in ORDERS:
-            fitted, _ = forecast.fit_table([g.m for g in tr], k, MAX_GAP, ridge=ridge, min_count=min_count)
+        for k in orders:
+            fitted, _ = forecast.fit_table([g.m for g in tr], k, max_gap, ridge=ridge, min_count=min_count)
             tables[i][k] = fitted
-            for name, table in ((f"fitted_k{k}", fitted), (f"fixed_k{k}", forecast.lagrange_table(k, MAX_GAP))):
+            for name, table in ((f"fitted_k{k}", fitted), (f"fixed_k{k}", forecast.lagrange_table(k, max_gap))):
                 for g in he:
-                    t, s = _examples(g.m.shape[0], k_max)
-                    per_order[name] += _rel_errors(g, table, k, t, s).tolist()
+                    t, s = _examples(g.m.shape[0], k_max, max_gap)
+                    per_order[name] += _rel_errors(g, table, k, t, s, max_gap).tolist()
     if not tables:
         raise ValueError("no block has an output paired with an input stream: nothing to forecast")
     scores = {name: sum(v) / len(v) for name, v in per_order.items() if v}
-    order = min(ORDERS, key=lambda k: scores[f"fitted_k{k}"])
+    order = min(orders, key=lambda k: scores[f"fitted_k{k}"])
 
     tensors: dict[str, torch.Tensor] = {}
     for i, (tr, he) in grams.items():
@@ -125,16 +140,16 @@ def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 0.0, min_count: 
         tensors[f"fc_table.{i}"] = table
         feats, errs = [], []
         for g in tr:
-            t, s = _examples(g.m.shape[0], order)
+            t, s = _examples(g.m.shape[0], order, max_gap)
             feats.append(_features(g, t, s[:, 0]))
-            errs.append(_rel_errors(g, table, order, t, s))
+            errs.append(_rel_errors(g, table, order, t, s, max_gap))
         coef = conformal.fit_error_model(torch.cat(feats), torch.cat(errs))
         tensors[f"fc_coef.{i}"] = coef
         preds, errs = [], []
         for g in he:
-            t, s = _examples(g.m.shape[0], order)
+            t, s = _examples(g.m.shape[0], order, max_gap)
             preds.append(conformal.predict_error(coef.double(), _features(g, t, s[:, 0]).double()))
-            errs.append(_rel_errors(g, table, order, t, s))
+            errs.append(_rel_errors(g, table, order, t, s, max_gap))
         pred, err = torch.cat(preds).float(), torch.cat(errs).float()
         if pred.numel() > MAX_PAIRS:  # an even thinning keeps the pairs exchangeable with fresh ones
             keep = torch.linspace(0, pred.numel() - 1, MAX_PAIRS).long()
@@ -143,10 +158,23 @@ def fit(seqs: list[list], layouts: list[Any], *, ridge: float = 0.0, min_count: 
     metrics = {
         "forecast_heldout_rel_error": scores,
         "forecast_order": order,
-        "forecast_max_gap": MAX_GAP,
-        "forecast_heldout_forecasts": len(per_order["fitted_k1"]),
+        "forecast_max_gap": max_gap,
+        "forecast_heldout_forecasts": len(per_order[f"fitted_k{order}"]),
     }
     return tensors, metrics
+
+
+def check_options(orders: Any, max_gap: Any) -> None:
+    """``ValueError`` naming the fix for forecaster fit options ``calibrate`` cannot use."""
+    if (
+        not isinstance(orders, tuple)
+        or not orders
+        or any(isinstance(k, bool) or k not in ORDERS for k in orders)
+        or len(set(orders)) != len(orders)
+    ):
+        raise ValueError(f"forecast_orders must be a non-empty tuple of distinct orders from {ORDERS}, got {orders!r}")
+    if isinstance(max_gap, bool) or not isinstance(max_gap, int) or not 1 <= max_gap <= 8:
+        raise ValueError(f"forecast_max_gap must be an int in 1..8 (steps between computes), got {max_gap!r}")
 
 
 def block_params(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

@@ -137,3 +137,40 @@ def test_audit_equals_independent_shadow_computation():
         assert [b for b, _ in shadow] == skipped  # the same blocks were skipped and audited
         assert torch.allclose(audit[skipped], torch.tensor([e for _, e in shadow]), rtol=1e-4, atol=1e-6)
         assert (audit[computed] == 0).all()
+
+
+def test_calibrate_forced_order_and_wider_gap_table(tmp_path):
+    """``forecast_orders`` forces K and ``forecast_max_gap`` widens the table: a block then skips up to
+    max_gap − 1 steps in a row, after only K computed steps."""
+    torch._dynamo.reset()
+    model = _poly_model()
+    path = tmp_path / "k2g6.safetensors"
+    run = lambda m: [_poly_sample(m, s) for s in range(4)]  # noqa: E731
+    calib = fc.calibrate(model, run, path, forecast_orders=(2,), forecast_max_gap=6)
+    assert calib.metrics["forecast_order"] == 2 and calib.metrics["forecast_max_gap"] == 6
+    assert set(calib.metrics["forecast_heldout_rel_error"]) == {"fitted_k2", "fixed_k2"}
+    assert calib.tensors["fc_table.0"].shape == (36, 2)
+    cm = torch.compile(model, backend=_compiled(path, tau=1e6, conformal=False))
+    _poly_sample(cm, seed=7)
+    # 14 steps: computes at 0, 1 (history), 7 and 13 (t − s_1 reached 6); 10 skips per block. A
+    # 4-gap table would compute at 0, 1, 5, 9, 13: 9 skips.
+    assert fc.stats(cm)["blocks_skipped"] == 3 * 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"forecast_orders": (4,)}, "forecast_orders"),
+        ({"forecast_orders": ()}, "forecast_orders"),
+        ({"forecast_orders": (2, 2)}, "forecast_orders"),
+        ({"forecast_orders": 2}, "forecast_orders"),
+        ({"forecast_max_gap": 9}, "forecast_max_gap"),
+        ({"forecast_max_gap": True}, "forecast_max_gap"),
+    ],
+)
+def test_calibrate_refuses_bad_forecaster_options_before_recording(kwargs, match):
+    def run(m):
+        raise AssertionError("options must be checked before the recording runs")
+
+    with pytest.raises(ValueError, match=match):
+        fc.calibrate(_poly_model(), run, **kwargs)

@@ -342,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="README demo: new MMDiT, 32 samples, eager rows only")
     ap.add_argument("--small", action="store_true", help="per-call overhead: new MMDiT, batch 8, eager rows only")
-    ap.add_argument("--long", action="store_true", help="new MMDiT at 50 steps: gaps up to 8, 32 samples, eager rows")
+    ap.add_argument("--long", action="store_true", help="new MMDiT at 50 steps: gaps up to 12, 32 samples, eager rows")
     ap.add_argument("--model", choices=("new", "old", "both"), help="default: new with --quick, else both")
     ap.add_argument("--checkpoint", type=Path, help="folder of the new reference model (default: the shipped one)")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results[/quick]; old model: old-dit/)")

@@ -130,11 +130,15 @@ def whole_blocks(model: torch.nn.Module) -> list[str]:
     """TaylorSeer identifiers for whole transformer blocks (diffusers' default forecasts attention only).
 
     An SD3 block with ``context_pre_only`` returns ``None`` for the text stream, which diffusers'
-    TaylorSeer cannot hold (it reads every output's dtype); such blocks run uncached.
+    TaylorSeer cannot hold (it reads every output's dtype); such blocks run uncached. Flux's
+    single-stream blocks are included.
     """
     blocks = model.transformer_blocks
     keep = [str(i) for i, b in enumerate(blocks) if not getattr(b, "context_pre_only", False)]
-    return [rf"transformer_blocks\.({'|'.join(keep)})"]
+    out = [rf"transformer_blocks\.({'|'.join(keep)})"]
+    if len(getattr(model, "single_transformer_blocks", ())):  # Flux: the single-stream blocks as well
+        out.append(r"single_transformer_blocks\.\d+")
+    return out
 
 
 def taylorseer(

@@ -6,13 +6,15 @@ No trained weights exist for these architectures here, so this measures relative
 is calibrated (``fastcache_compile.calibrate``) on ``--generations`` Euler flow generations from random
 latents and prompts, and the table reports the held-out one-block relative error of every skip-path form
 (fitted forecaster K = 1..3, fixed polynomial TaylorSeer-like weights, and the older forms), then the
-end-to-end relative L2 of the final latents against uncached at a few τ, on unseen seeds. Eager lowering,
+end-to-end relative L2 of the final latents against uncached at a few τ, on unseen seeds, beside
+diffusers' TaylorSeer on whole blocks (orders 1 and 2, intervals 2–6) on the same seeds. Eager lowering,
 one torch thread. Writes benchmarks/results/forecast_random.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import tempfile
@@ -27,6 +29,9 @@ import fastcache_compile as fc
 
 OUT = Path(__file__).resolve().parent / "results"
 TAUS = {"reuse": (0.05, 0.1), "forecast": (0.1, 0.2)}
+# (τ, refresh policy) of extra forecaster rows: a synchronised refresh every 4 steps, as in the compare
+POLICIES = ((0.2, {"refresh_every": 4}), (0.3, {"refresh_every": 4, "num_steps": None}))
+TAYLORSEER = tuple((i, o) for i in (2, 3, 4, 6) for o in (1, 2))  # (interval, order), whole blocks
 
 
 def _sd3() -> tuple[torch.nn.Module, Callable[[int], dict[str, torch.Tensor]]]:
@@ -81,9 +86,16 @@ def _generate(model: Any, inputs: dict[str, torch.Tensor], steps: int, scale: fl
     """Euler steps of the rectified-flow ODE from σ = 1 to 0; ``scale`` maps σ to the model's timestep."""
     x, cond = inputs["hidden_states"], {k: v for k, v in inputs.items() if k != "hidden_states"}
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
-    for s, nxt in itertools.pairwise(sigmas):
+    for i, (s, nxt) in enumerate(itertools.pairwise(sigmas)):
         t = torch.full((x.shape[0],), float(s) * scale)
-        v = model(hidden_states=x, timestep=t, **cond, return_dict=False)[0]
+        # diffusers' cache hooks (the TaylorSeer rows) keep their state per cache_context, as pipelines call it
+        ctx = (
+            model.cache_context("cond", step_index=i, num_inference_steps=steps, timestep=t)
+            if getattr(model, "is_cache_enabled", False)
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            v = model(hidden_states=x, timestep=t, **cond, return_dict=False)[0]
         x = x + (nxt - s) * v
     return x
 
@@ -116,6 +128,20 @@ def _study(name: str, steps: int, generations: int) -> dict[str, Any]:
             skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
             rows.append({"form": form, "tau": tau, "skipped": skipped, "rel_l2": err})
             print(name, json.dumps(rows[-1]), flush=True)
+    for tau, policy in POLICIES:
+        options = {"lowering": "eager", "threshold": tau, "approximation": "forecast", "calibration": str(path)}
+        options |= {"num_steps": steps, **policy}
+        torch._dynamo.reset()
+        cm = torch.compile(model, backend="fastcache", options=options)
+        outs = [_generate(cm, inputs(s), steps, scale) for s in seeds]
+        st = fc.stats(cm)
+        err = sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
+        skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
+        label = "forecast " + " ".join(f"{k}={v}" for k, v in policy.items())
+        rows.append({"form": label, "tau": tau, "skipped": skipped, "rel_l2": err})
+        print(name, json.dumps(rows[-1]), flush=True)
+    torch._dynamo.reset()
+    rows += _taylorseer_rows(model, inputs, seeds, refs, steps, scale)
     m = calib.metrics
     return {
         "model": type(model).__name__,
@@ -127,6 +153,46 @@ def _study(name: str, steps: int, generations: int) -> dict[str, Any]:
         "heldout_rel_error": m.get("heldout_rel_error"),
         "end_to_end": rows,
     }
+
+
+class _BlockRuns:
+    """Counts executions of every block, dual- and single-stream: a forecast block's first norm does not run."""
+
+    def __init__(self, model: Any) -> None:
+        self.blocks = [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+        self.executed = 0
+        first = [getattr(b, "norm1", None) or b.norm for b in self.blocks]
+        self._handles = [m.register_forward_pre_hook(self._bump) for m in first]
+
+    def _bump(self, *_: Any) -> None:
+        self.executed += 1
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _taylorseer_rows(model: Any, inputs: Callable, seeds: tuple, refs: list, steps: int, scale: float) -> list[dict]:
+    """diffusers' TaylorSeer on whole blocks at the same seeds (a peer has no τ: ``tau`` is None)."""
+    from benchmarks import diffusers_hooks as dhk
+
+    rows = []
+    for interval, order in TAYLORSEER:
+        runner = dhk.taylorseer(model, interval, order, dhk.whole_blocks(model))
+        outs = []
+        with runner:
+            runner.clear_stats()
+            ran = _BlockRuns(runner.model)
+            for s in seeds:
+                runner.reset()
+                outs.append(_generate(runner.model, inputs(s), steps, scale))
+            skipped = 1.0 - ran.executed / (len(ran.blocks) * steps * len(seeds))
+            ran.detach()
+        err = sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
+        label = f"TaylorSeer o{order} interval {interval}"
+        rows.append({"form": label, "tau": None, "skipped": skipped, "rel_l2": err})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,7 +240,10 @@ def _markdown(r: dict[str, Any]) -> str:
             "",
             "| form | τ | skipped | rel L2 vs uncached |",
             "|---|---|---|---|",
-            *[f"| {x['form']} | {x['tau']} | {x['skipped']:.1%} | {x['rel_l2']:.4f} |" for x in s["end_to_end"]],
+            *[
+                f"| {x['form']} | {'–' if x['tau'] is None else x['tau']} | {x['skipped']:.1%} | {x['rel_l2']:.4f} |"
+                for x in s["end_to_end"]
+            ],
             "",
         ]
     return "\n".join(lines)

@@ -25,6 +25,8 @@ import itertools
 
 import torch
 
+MAX_GAP_LIMIT = 16  # 16**3 = 4096 table rows per block at K = 3
+
 
 def num_patterns(order: int, max_gap: int) -> int:
     _check(order, max_gap)
@@ -162,5 +164,7 @@ def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float, prior: torch.Tensor) 
 def _check(order: int, max_gap: int) -> None:
     if not isinstance(order, int) or not 1 <= order <= 4:
         raise ValueError(f"forecast order K must be an int in 1..4, got {order!r}")
-    if not isinstance(max_gap, int) or not 1 <= max_gap <= 8:
-        raise ValueError(f"max_gap must be an int in 1..8 (the weight table has max_gap**K rows), got {max_gap!r}")
+    if not isinstance(max_gap, int) or not 1 <= max_gap <= MAX_GAP_LIMIT:
+        raise ValueError(
+            f"max_gap must be an int in 1..{MAX_GAP_LIMIT} (the weight table has max_gap**K rows), got {max_gap!r}"
+        )

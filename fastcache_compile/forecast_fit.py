@@ -173,8 +173,10 @@ def check_options(orders: Any, max_gap: Any) -> None:
         or len(set(orders)) != len(orders)
     ):
         raise ValueError(f"forecast_orders must be a non-empty tuple of distinct orders from {ORDERS}, got {orders!r}")
-    if isinstance(max_gap, bool) or not isinstance(max_gap, int) or not 1 <= max_gap <= 8:
-        raise ValueError(f"forecast_max_gap must be an int in 1..8 (steps between computes), got {max_gap!r}")
+    if isinstance(max_gap, bool) or not isinstance(max_gap, int) or not 1 <= max_gap <= forecast.MAX_GAP_LIMIT:
+        raise ValueError(
+            f"forecast_max_gap must be an int in 1..{forecast.MAX_GAP_LIMIT} (steps between computes), got {max_gap!r}"
+        )
 
 
 def block_params(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

@@ -164,7 +164,7 @@ def test_calibrate_forced_order_and_wider_gap_table(tmp_path):
         ({"forecast_orders": ()}, "forecast_orders"),
         ({"forecast_orders": (2, 2)}, "forecast_orders"),
         ({"forecast_orders": 2}, "forecast_orders"),
-        ({"forecast_max_gap": 9}, "forecast_max_gap"),
+        ({"forecast_max_gap": 17}, "forecast_max_gap"),
         ({"forecast_max_gap": True}, "forecast_max_gap"),
     ],
 )

@@ -174,20 +174,29 @@ class _BlockRuns:
 
 def _taylorseer_rows(model: Any, inputs: Callable, seeds: tuple, refs: list, steps: int, scale: float) -> list[dict]:
     """diffusers' TaylorSeer on whole blocks at the same seeds (a peer has no τ: ``tau`` is None)."""
+    import diffusers.hooks as dh
+
     from benchmarks import diffusers_hooks as dhk
 
     rows = []
+    cached = dhk.with_cache_mixin(model)
     for interval, order in TAYLORSEER:
-        runner = dhk.taylorseer(model, interval, order, dhk.whole_blocks(model))
+        # diffusers' own config on a copy (the harness's runners count blocks of DiT / SD3 families only)
+        config = dh.TaylorSeerCacheConfig(
+            cache_interval=interval,
+            max_order=order,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=dhk.whole_blocks(model),
+        )
+        cached.enable_cache(config)
+        ran = _BlockRuns(cached)
         outs = []
-        with runner:
-            runner.clear_stats()
-            ran = _BlockRuns(runner.model)
-            for s in seeds:
-                runner.reset()
-                outs.append(_generate(runner.model, inputs(s), steps, scale))
-            skipped = 1.0 - ran.executed / (len(ran.blocks) * steps * len(seeds))
-            ran.detach()
+        for s in seeds:
+            cached._reset_stateful_cache()
+            outs.append(_generate(cached, inputs(s), steps, scale))
+        skipped = 1.0 - ran.executed / (len(ran.blocks) * steps * len(seeds))
+        ran.detach()
+        cached.disable_cache()
         err = sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
         label = f"TaylorSeer o{order} interval {interval}"
         rows.append({"form": label, "tau": None, "skipped": skipped, "rel_l2": err})

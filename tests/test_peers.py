@@ -193,3 +193,27 @@ def test_fora_on_dit_family() -> None:
                 out = dit_sample(fora.model, labels, 0, steps=4, scheduler=sched)
             assert fora.counter.block_skip_fraction() == pytest.approx(skipped)
             assert torch.equal(out, plain) == (interval == 1)
+
+
+def test_whole_blocks_covers_flux_single_stream_blocks() -> None:
+    """Flux's single-stream blocks are whole blocks too: without them TaylorSeer would forecast only
+    the dual-stream third of a Flux stack."""
+    import diffusers.hooks as dh
+
+    from models import _build_flux, _flux_inputs, split_inputs
+
+    torch.manual_seed(0)
+    flux = dhk.with_cache_mixin(_build_flux().eval().requires_grad_(False))
+    ids = dhk.whole_blocks(flux)
+    assert ids == [r"transformer_blocks\.(0|1)", r"single_transformer_blocks\.\d+"]
+    config = dh.TaylorSeerCacheConfig(cache_interval=2, max_order=1, cache_identifiers=ids)
+    flux.enable_cache(config)
+    hooked = [n for n, m in flux.named_modules() if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)]
+    assert sorted(hooked) == [f"single_transformer_blocks.{i}" for i in (0, 1)] + [
+        f"transformer_blocks.{i}" for i in (0, 1)
+    ]
+    x, cond = split_inputs(_flux_inputs(1, torch.Generator().manual_seed(0)))
+    with torch.no_grad(), flux.cache_context("cond"):
+        out = flux(hidden_states=x, **cond, timestep=torch.tensor([0.5]), return_dict=False)[0]
+    assert torch.isfinite(out).all()
+    flux.disable_cache()

@@ -114,7 +114,7 @@ def _fastcache_runners(bench: Bench, meta: dict[str, Any], calib: Path, alpha: f
 
     need_forecast = any(row[0] == "forecast" for row in p.fastcache)
     runs = bench.other_runs(p.calibration_generations, 4)
-    fit: dict[str, Any] = {"forecast_max_gap": p.calibration_max_gap}
+    fit: dict[str, Any] = {} if p.calibration_max_gap is None else {"forecast_max_gap": p.calibration_max_gap}
     if p.calibration_drift is not None:  # drift pairs on seeds neither the fit nor the rows use
         fit["drift"] = {"num_steps": p.steps, **p.calibration_drift}
         fit["drift_run"] = bench.other_runs(p.calibration_generations, 4, first=OTHER_SEEDS + 500_000)

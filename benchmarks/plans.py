@@ -31,7 +31,9 @@ class Plan:
     magcache: tuple[float, ...] = ()
     cachedit: tuple[tuple[int, int, float, int], ...] = ()  # (Fn, Bn, residual diff threshold, TaylorSeer order)
     inductor_baseline: bool = True  # an uncached Inductor row (the denominator of Inductor rows' speedups)
-    calibration_max_gap: int = 4  # the forecaster table's largest gap (``calibrate(forecast_max_gap=...)``)
+    # the forecaster table's largest gap (``calibrate(forecast_max_gap=...)``); None: whatever a fitting
+    # (shipped) calibration has, or the default for a new fit
+    calibration_max_gap: int | None = None
     calibration_drift: dict | None = None  # ``calibrate(drift=...)`` options when the benchmark fits one
     probe: bool = True  # the diffusers cache-config compatibility probe
 
@@ -52,8 +54,10 @@ NEW_DEFAULT = Plan(
         # 4 steps (+3.6 dB at 65 % skipped), or a cap of 2 consecutive skips per block (+2 dB at 60 %)
         ("forecast", 0.1, "eager", {"refresh_every": 4}),
         ("forecast", 0.2, "eager", {"refresh_every": 4}),
-        # the same without forcing the last step: one more skip per block (16 -> 19 is within the table)
-        ("forecast", 0.2, "eager", {"refresh_every": 4, "num_steps": None}),
+        # without forcing the last step (one more skip per block), and a refresh every 5 steps, which the
+        # shipped table's gaps of up to 6 allow (its drift pairs were recorded under that policy)
+        ("forecast", 0.3, "eager", {"refresh_every": 4, "num_steps": None}),
+        ("forecast", 0.3, "eager", {"refresh_every": 5, "num_steps": None}),
         ("forecast", 0.2, "eager", {"max_skips": 2}),
         ("reuse", 0.1, "eager"),
     ),

@@ -66,7 +66,7 @@ NEW_DEFAULT = Plan(
     # intervals 2-10 (the issue's sweep), attention only (diffusers' default) and whole blocks
     taylorseer=(
         *((i, o) for i in (2, 3) for o in (1, 2)),
-        *((i, o, "blocks") for i in (2, 3, 4, 6, 8, 10) for o in (1, 2)),
+        *((i, o, "blocks") for i in (2, 3, 4, 5, 6, 8, 10) for o in (1, 2)),
     ),
     magcache=(0.06,),
     # Bn ≥ 1: with Bn = 0, cache-dit 1.5.3 looks up a "Bn_residual" state after a context refresh that

@@ -29,7 +29,9 @@ def trajectory(
 ) -> torch.Tensor:
     """y ≈ x + r̂ + β ⊙ (r̂ − r̂′)·(t − s)/(s − s′): fitted linear extrapolation of the residual."""
     gap = (t - s) / (s - s_prev).clamp_min(1.0)  # steps are integers; s > s' once two computes happened
-    return x + r_hat + beta * (r_hat - r_prev) * gap.to(x.dtype)
+    # one new tensor instead of four (fresh activation-sized tensors are what costs in eager)
+    slope = (r_hat - r_prev).mul_(beta * gap.to(x.dtype))
+    return slope.add_(x).add_(r_hat)
 
 
 def linear(x: torch.Tensor, x_hat: torch.Tensor, r_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

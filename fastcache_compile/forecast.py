@@ -82,9 +82,12 @@ def select_weights(table: torch.Tensor, t: torch.Tensor, steps: list[torch.Tenso
 def forecast(x: torch.Tensor, residuals: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """ŷ = x + Σ_k w_k r̂_k; ``weights`` (K,) from ``select_weights``."""
     w = weights.to(x.dtype)
-    out = x
-    for k, r in enumerate(residuals):
-        out = out + w[k] * r
+    # One new tensor, then in-place accumulation: in eager each fresh activation-sized tensor costs
+    # an allocation that page-faults, which made the out-of-place sum ~9x slower than the arithmetic
+    # on the CPU (a skipped block's predictor then cost a third of the block). Traced, it is the same.
+    out = torch.addcmul(x, w[0], residuals[0])
+    for k in range(1, len(residuals)):
+        out.addcmul_(w[k], residuals[k])
     return out
 
 

@@ -68,7 +68,7 @@ class GroupStats:
         from torch.distributed import _functional_collectives as fc
 
         local = [
-            torch.stack([((x.float() - r.float()) ** 2).sum(), (r.float() ** 2).sum()]) for x, r in zip(xs, refs)
+            torch.stack([rule.squared_change(x, r), rule.squared_norm(r)]) for x, r in zip(xs, refs)
         ]  # per stream: (2,) local (num, den)
         zero = torch.zeros(2, device=xs[0].device)
         shard = sum((s for s, on in zip(local, self.sharded) if on), zero)

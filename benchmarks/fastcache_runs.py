@@ -126,14 +126,14 @@ def ensure_calibration(
     info: dict[str, Any] = {"path": path.name}
     if path.exists():
         why = _calibration_fits(model, path, probe)
-        metrics = load_calibration(path).metrics if why is None else {}
+        calib = load_calibration(path) if why is None else None
+        metrics = calib.metrics if calib is not None else {}
         if why is None and need_forecast and "forecast_order" not in metrics:
             why = "fitted before the forecaster existed (no forecast weights)"
         gap = fit.get("forecast_max_gap")
         if why is None and need_forecast and gap is not None and metrics.get("forecast_max_gap") != gap:
             why = f"its forecaster covers gaps up to {metrics.get('forecast_max_gap')}, the plan asks for {gap}"
-        if why is None:
-            calib = load_calibration(path)
+        if why is None and calib is not None:
             info.update(source="shipped", recommended=calib.recommended, metrics=calib.metrics)
             return info
         info["stale_reason"] = why

@@ -114,32 +114,29 @@ def _study(name: str, steps: int, generations: int) -> dict[str, Any]:
     torch._dynamo.reset()
     seeds = (7, 8)
     refs = [_generate(model, inputs(s), steps, scale) for s in seeds]
+
+    def row(label: str, tau: float, options: dict[str, Any]) -> dict[str, Any]:
+        torch._dynamo.reset()
+        cm = torch.compile(model, backend="fastcache", options={"lowering": "eager", "threshold": tau, **options})
+        outs = [_generate(cm, inputs(s), steps, scale) for s in seeds]
+        st = fc.stats(cm)
+        skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
+        out = {"form": label, "tau": tau, "skipped": skipped, "rel_l2": _rel_l2(outs, refs)}
+        print(name, json.dumps(out), flush=True)
+        return out
+
     rows = []
     for form, taus in TAUS.items():
         for tau in taus:
-            options = {"lowering": "eager", "threshold": tau, "approximation": form}
+            options: dict[str, Any] = {"approximation": form}
             if form != "reuse":
                 options["calibration"] = str(path)
-            torch._dynamo.reset()
-            cm = torch.compile(model, backend="fastcache", options=options)
-            outs = [_generate(cm, inputs(s), steps, scale) for s in seeds]
-            st = fc.stats(cm)
-            err = sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
-            skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
-            rows.append({"form": form, "tau": tau, "skipped": skipped, "rel_l2": err})
-            print(name, json.dumps(rows[-1]), flush=True)
+            rows.append(row(form, tau, options))
     for tau, policy in POLICIES:
-        options = {"lowering": "eager", "threshold": tau, "approximation": "forecast", "calibration": str(path)}
-        options |= {"num_steps": steps, **policy}
-        torch._dynamo.reset()
-        cm = torch.compile(model, backend="fastcache", options=options)
-        outs = [_generate(cm, inputs(s), steps, scale) for s in seeds]
-        st = fc.stats(cm)
-        err = sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
-        skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
         label = "forecast " + " ".join(f"{k}={v}" for k, v in policy.items())
-        rows.append({"form": label, "tau": tau, "skipped": skipped, "rel_l2": err})
-        print(name, json.dumps(rows[-1]), flush=True)
+        rows.append(
+            row(label, tau, {"approximation": "forecast", "calibration": str(path), "num_steps": steps, **policy})
+        )
     torch._dynamo.reset()
     rows += _taylorseer_rows(model, inputs, seeds, refs, steps, scale)
     m = calib.metrics
@@ -153,6 +150,11 @@ def _study(name: str, steps: int, generations: int) -> dict[str, Any]:
         "heldout_rel_error": m.get("heldout_rel_error"),
         "end_to_end": rows,
     }
+
+
+def _rel_l2(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """Mean relative L2 of the final latents against uncached, over the seeds."""
+    return sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
 
 
 class _BlockRuns:
@@ -197,9 +199,8 @@ def _taylorseer_rows(model: Any, inputs: Callable, seeds: tuple, refs: list, ste
         skipped = 1.0 - ran.executed / (len(ran.blocks) * steps * len(seeds))
         ran.detach()
         cached.disable_cache()
-        err = sum(float((o - r).norm() / r.norm()) for o, r in zip(outs, refs)) / len(refs)
         label = f"TaylorSeer o{order} interval {interval}"
-        rows.append({"form": label, "tau": None, "skipped": skipped, "rel_l2": err})
+        rows.append({"form": label, "tau": None, "skipped": skipped, "rel_l2": _rel_l2(outs, refs)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

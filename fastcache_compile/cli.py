@@ -148,6 +148,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import fastcache_compile
 
+    try:
+        orders = tuple(int(k) for k in args.forecast_orders.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--forecast-orders takes comma-separated orders such as 3 or 1,2,3, got {args.forecast_orders!r}"
+        ) from None
     ref = require_reference(load_model(args.model), "calibrate")
     run, steps = _sampler(args, ref)
     if args.generations < 1:
@@ -162,7 +168,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     # drift pass: the same number of generations on other seeds, cached at the given τ
     drift = None if args.drift_threshold is None else {"threshold": args.drift_threshold, "num_steps": steps}
     again = functools.partial(drive, first=args.seed + 10_000)
-    orders = tuple(int(k) for k in args.forecast_orders.split(","))
     calib = fastcache_compile.calibrate(
         ref.transformer, drive, args.out, drift=drift, drift_run=again,
         forecast_orders=orders, forecast_max_gap=args.forecast_max_gap,

@@ -40,8 +40,8 @@ def relative_change(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.T
     return sum(squared_change(x, r) for x, r in zip(xs, refs)) / sum(squared_norm(r) for r in refs)
 
 
-# Every block runs these on every call: one activation-sized temporary (the difference, squared in
-# place) instead of three. In eager each fresh temporary of that size costs an allocation that
+# Every block runs these on every call: for float32 streams one activation-sized temporary (the
+# difference, squared in place) instead of three. In eager each fresh temporary of that size costs an allocation that
 # page-faults on the CPU, which is most of what the statistic cost.
 def squared_change(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """‖x − ref‖² in float32 (0-dim)."""

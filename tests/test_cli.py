@@ -90,6 +90,12 @@ def test_argument_errors(elsewhere, tiny, capsys):
     assert main(["generate", "--model", str(tiny), "--out", "o", "--n", "0"]) == 2
     assert "--n must be >= 1" in capsys.readouterr().err
     assert not (elsewhere / "o" / "uncached.png").exists()
+    calibrate = ["calibrate", "--model", str(tiny), "--out", "c.safetensors"]
+    assert main([*calibrate, "--forecast-orders", "2,x"]) == 2
+    assert "--forecast-orders takes comma-separated orders" in capsys.readouterr().err
+    assert main([*calibrate, "--forecast-max-gap", "40"]) == 2
+    assert "forecast_max_gap must be an int in 1..16" in capsys.readouterr().err
+    assert not (elsewhere / "c.safetensors").exists()
 
 
 def test_plain_diffusers_folder_is_refused(elsewhere, tiny, capsys):

@@ -219,7 +219,13 @@ class CacheRuntime:
             force = step < cfg.warmup_steps or (cfg.num_steps is not None and step >= cfg.num_steps - 1)
             force = force or (cfg.refresh_every is not None and step % cfg.refresh_every == 0)
             force = force or recorder is not None  # calibration records full computations
-            outs = variant.cached(*args, *slot.state, step_t, torch.tensor(force))
+            try:
+                outs = variant.cached(*args, *slot.state, step_t, torch.tensor(force))
+            except BaseException:
+                # Eager caching updates a slot's state tensors in place, block by block: after a failed
+                # call they mix two steps, so the stream starts over instead of reading them.
+                slot.state = None
+                raise
         outs = list(outs)
         # audit: (..., computed, audit_errors) from the cached graph; the init graph computes everything
         audit_err = outs.pop() if variant.audit and slot.state is not None else None

@@ -70,9 +70,11 @@ class RecordingBlock(_BlockBase):
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         args, step = flat[:-1], flat[-1]
         outs = tuple(self.block(*args))
-        res = self._residuals(args, outs)
-        # State is kept contiguous so compiled variants see one fixed layout for it.
-        x_hat = [args[p].contiguous() for p in self.layout.streams]
+        # The state is the cache's own (copies, contiguous so compiled variants see one fixed layout):
+        # eager caching later writes the next step's state into these tensors (``cached_block._store``),
+        # which must not be the graph's activations or outputs.
+        res = [_own(o) if p is None else r for r, o, p in zip(self._residuals(args, outs), outs, self.layout.pairs)]
+        x_hat = [_own(args[p]) for p in self.layout.streams]
         s = step.float()
         h = self.layout.history
         # Older residuals start equal to r̂ (no trajectory yet) but must be their own tensors: cond
@@ -81,6 +83,10 @@ class RecordingBlock(_BlockBase):
         older = [r.clone() for _ in range(h - 1) for r in res]
         state = [*x_hat, *res, *older, *[s - float(m) for m in range(h)]]
         return (*outs, *state, torch.ones((), dtype=torch.bool, device=step.device))
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _rel_error(out: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

@@ -208,19 +208,28 @@ class TokenStack(nn.Module):
         else:
             operands = tuple(o.contiguous() for o in operands)
 
+        if not self.branch_list:
+            return self._full(*operands)
+        last = len(self.branch_list) - 1
+
         def choose(i: int) -> Callable[..., tuple[torch.Tensor, ...]]:
-            if i == len(self.branch_list):
-                return self._full
+            """The reduced branches from ``i`` on, smallest first; the largest is taken when none before fits."""
+            if i == last:
+                return self._reduced(self.branch_list[i])
             branch = self.branch_list[i]
 
             def pick(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                force, moving = ops[n_flat - 1], ops[n_flat]
-                fits = torch.logical_and(moving <= branch.select, torch.logical_not(force))
+                fits = ops[n_flat] <= branch.select
                 return tuple(torch.ops.higher_order.cond(fits, self._reduced(branch), choose(i + 1), ops))
 
             return pick
 
-        return choose(0)(*operands)
+        # The full branch sits directly under the outer cond, not at the end of the bucket chain: its
+        # per-block conds are re-traced and fake-run once per enclosing cond, so nesting it under every
+        # bucket multiplied the tracing cost (``benchmarks/compile_time.py``).
+        force, moving = operands[n_flat - 1], operands[n_flat]
+        fits = torch.logical_and(moving <= self.branch_list[last].select, torch.logical_not(force))
+        return tuple(torch.ops.higher_order.cond(fits, choose(0), self._full, operands))
 
 
 class _InitStack(nn.Module):

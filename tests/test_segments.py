@@ -61,7 +61,8 @@ def _drive(gm, args, latent, tau, schedule):
     flags = []
     with torch.no_grad():
         first = init(*args, torch.tensor(0.0))
-        state_c = state_s = list(first[n:-1])
+        # each form owns its state, as each stream slot does (eager caching writes it in place)
+        state_c, state_s = list(first[n:-1]), [s.clone() for s in first[n:-1]]
         x = args[pos]
         for step, (scale, force) in enumerate(schedule, start=1):
             x = x + scale * torch.randn(x.shape, generator=gen)

@@ -8,6 +8,9 @@ branches are chosen in-graph with nested ``torch.cond`` on the number of moving 
                     clusters, run through the stack re-specialised to that many tokens, and scattered
                     back; every other token gets x0_i + r̂_i (its cached residual)
 
+The outer cond takes the full branch when no reduced bucket holds the moving tokens (or the step is
+forced); its other branch is the chain of conds over the reduced buckets, smallest first.
+
 ``_InitStack`` is the first call of a generation: every block on every token, emitting the state.
 ``_wire`` puts either module in place of the stack call and adds the state to the graph's inputs and outputs.
 """

@@ -239,7 +239,9 @@ def _store(dst: torch.Tensor, value: torch.Tensor, base: torch.Tensor | None = N
     """``value − base`` (or a copy of ``value``) written into ``dst`` when it has the right shape, dtype
     and layout; else a new tensor. Never returns a tensor that shares storage with ``value``/``base``."""
     fits = dst.shape == value.shape and dst.dtype == value.dtype and dst.device == value.device
-    if fits and dst.is_contiguous():
+    # state made under ``torch.inference_mode()`` may not be written outside it (a pipeline that mixes modes)
+    writable = torch.is_inference_mode_enabled() or not dst.is_inference()
+    if fits and writable and dst.is_contiguous():
         if base is None:
             return dst.copy_(value)
         return torch.sub(value, base.to(value.dtype), out=dst)

@@ -96,3 +96,16 @@ def test_forced_steps_do_not_measure_the_statistic(built, monkeypatch):
     blocks = (st["blocks_computed"] + st["blocks_skipped"]) // 7
     # step 0 initialises; steps 1, 3, 6 are forced (warm-up, refresh every 3): 3 measured steps of 7
     assert len(calls) == 3 * blocks
+
+
+def test_state_made_in_inference_mode_is_replaced_outside_it():
+    record, cached = _blocks()
+    x0, c0 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    with torch.inference_mode():
+        state = list(record(x0, c0, torch.tensor(0.0))[2:-1])
+    x1, c1 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    with torch.no_grad():  # in place, this would raise "Inplace update to inference tensor outside InferenceMode"
+        out = cached(x1, c1, *state, torch.tensor(1.0), torch.tensor(True))
+    new_x_hat, new_res, _ = LAYOUT.split(out[2:-1])
+    torch.testing.assert_close(new_x_hat[0], x1)
+    torch.testing.assert_close(new_res[0][0], out[0] - x1)

@@ -73,7 +73,7 @@ class RecordingBlock(_BlockBase):
         # The state is the cache's own (copies, contiguous so compiled variants see one fixed layout):
         # eager caching later writes the next step's state into these tensors (``cached_block._store``),
         # which must not be the graph's activations or outputs.
-        res = [_own(o) if p is None else r for r, o, p in zip(self._residuals(args, outs), outs, self.layout.pairs)]
+        res = [_own(r) if p is None else r for r, p in zip(self._residuals(args, outs), self.layout.pairs)]
         x_hat = [_own(args[p]) for p in self.layout.streams]
         s = step.float()
         h = self.layout.history
@@ -86,6 +86,7 @@ class RecordingBlock(_BlockBase):
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that shares no storage with ``t``."""
     return t.clone(memory_format=torch.contiguous_format)
 
 

@@ -13,7 +13,7 @@ from torch import fx
 
 from fastcache_compile import approx, conformal, forecast, rule
 
-from .block_state import _PAIRS, _SHADOW, BlockLayout, _BlockBase, _contiguous_strides, _rel_error, _tracing
+from .block_state import _PAIRS, _SHADOW, BlockLayout, _BlockBase, _contiguous_strides, _own, _rel_error, _tracing
 from .reduce_stats import LOCAL, Reducer
 
 
@@ -118,8 +118,9 @@ class CachedBlock(_BlockBase):
         xs = [args[p] for p in lay.streams]
         if self.reducer is LOCAL and not self.audit and not _tracing(flat) and bool(force):
             # A forced step (warm-up, refresh, last step) computes whatever the statistic says; in eager
-            # it is not measured (a pass over x and x̂ per stream). Ranks of a group all reduce it.
-            return self._eager_branch(True, force, args, xs, (), step.float(), None, None, state)
+            # it is not measured (a pass over x and x̂ per stream). Under a process group the statistic is
+            # a collective and stays, so every rank keeps calling it.
+            return self._eager_compute(force, args, xs, step.float(), state)
         delta2 = self.reducer.relative_change(xs, x_hat)  # () float32, the same on every rank
         dof = self.reducer.dof(xs)
         compute = self._decide(delta2, step, steps, force, dof)
@@ -215,13 +216,18 @@ class CachedBlock(_BlockBase):
         """Eager lowering: a Python branch instead of ``cond`` + ``where`` on every state tensor. The
         decision is read on the host once (eager ``cond`` reads it too); a skipped block hands its state
         back untouched and a computed one shifts its history without a select pass per tensor."""
+        if computes:
+            return self._eager_compute(compute, args, xs, step, state)
+        x_hat, res_hist, steps = self.layout.split(state)
+        outs = predict(*operands)
+        if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
+            self._record_skip(outs, run_block(*operands))
+        return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
+
+    def _eager_compute(self, compute, args, xs, step, state) -> tuple:
+        """A computed block in eager: its outputs, and the state with the history shifted by one."""
         lay = self.layout
         x_hat, res_hist, steps = lay.split(state)
-        if not computes:
-            outs = predict(*operands)
-            if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
-                self._record_skip(outs, run_block(*operands))
-            return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
         outs = tuple(self.block(*args))
         # The new state is written into the storage it replaces: the retiring oldest residual and the
         # old x̂. Fresh activation-sized state tensors each step cost the allocator new pages (in eager
@@ -246,5 +252,5 @@ def _store(dst: torch.Tensor, value: torch.Tensor, base: torch.Tensor | None = N
             return dst.copy_(value)
         return torch.sub(value, base.to(value.dtype), out=dst)
     if base is None:
-        return value.clone(memory_format=torch.contiguous_format)
+        return _own(value)
     return value - base.to(value.dtype)

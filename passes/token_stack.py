@@ -28,7 +28,7 @@ from torch import fx, nn
 from fastcache_compile import approx
 from fastcache_compile import tokens as T
 
-from .block_state import _contiguous_strides, _tracing
+from .block_state import _contiguous_strides, _own, _tracing
 
 STACK = "fastcache_stack_0"  # the fused block stack's submodule (``select_tokens.split_stack``)
 
@@ -95,10 +95,6 @@ def branches(n: int, buckets: Sequence[float], select: bool, merge: bool, merge_
     return out
 
 
-def _clone(t: torch.Tensor) -> torch.Tensor:
-    return t.clone(memory_format=torch.contiguous_format)
-
-
 class TokenStack(nn.Module):
     """``(*stack_inputs, *block_state, x̂0, r̂, step, force)`` →
     ``(*stack_outputs, *block_state', computed, x̂0', r̂', tokens_run)``."""
@@ -150,7 +146,7 @@ class TokenStack(nn.Module):
         outs, new_bstate, computed = res[:n_out], res[n_out:-1], res[-1]
         x0, y = inputs[self.plan.stream], outs[self.plan.out]
         run = torch.full((), float(self.plan.num_tokens), device=x0.device)
-        return (*map(_clone, outs), *map(_clone, new_bstate), computed.clone(), _clone(x0), _clone(y - x0), run)
+        return (*map(_own, outs), *map(_own, new_bstate), computed.clone(), _own(x0), _own(y - x0), run)
 
     def _reduced(self, branch: Branch) -> Callable[..., tuple[torch.Tensor, ...]]:
         plan = self.plan
@@ -191,7 +187,7 @@ class TokenStack(nn.Module):
             new_rh = T.scatter(rh, idx, r.to(rh.dtype))
             computed = torch.ones(self.num_blocks, dtype=torch.bool, device=x0.device)
             count = torch.full((), float(branch.run), device=x0.device)
-            return (*map(_clone, outs), *map(_clone, bstate), computed, new_xh0, new_rh, count)
+            return (*map(_own, outs), *map(_own, bstate), computed, new_xh0, new_rh, count)
 
         return run
 
@@ -251,7 +247,7 @@ class _InitStack(nn.Module):
         x0, y = inputs[self.plan.stream], outs[self.plan.out]
         run = torch.full((), float(self.plan.num_tokens), device=x0.device)
         # x̂0 must be its own tensor: block 0's state already holds x0, and state inputs may not alias.
-        return (*outs, *bstate, computed, _clone(x0), (y - x0).contiguous(), run)
+        return (*outs, *bstate, computed, _own(x0), (y - x0).contiguous(), run)
 
 
 def _wire(gm: fx.GraphModule, module: nn.Module, n_bs: int, plan: TokenPlan, with_state: bool) -> fx.GraphModule:

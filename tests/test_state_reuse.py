@@ -72,8 +72,8 @@ def test_failed_call_drops_the_streams_state(built, monkeypatch):
             raise RuntimeError("injected")
         return real(self, *args, **kwargs)
 
-    real = CachedBlock._eager_branch
-    monkeypatch.setattr(CachedBlock, "_eager_branch", fail)
+    real = CachedBlock._eager_compute
+    monkeypatch.setattr(CachedBlock, "_eager_compute", fail)
     with pytest.raises(RuntimeError, match="injected"):
         sample(cm, case, steps=3)
     # block 0 had already written the failed step's state: the slot must not be read again

@@ -71,7 +71,7 @@ class RecordingBlock(_BlockBase):
         args, step = flat[:-1], flat[-1]
         outs = tuple(self.block(*args))
         # The state is the cache's own (copies, contiguous so compiled variants see one fixed layout):
-        # eager caching later writes the next step's state into these tensors (``cached_block._store``),
+        # eager caching later writes the next step's state into these tensors (``_store``),
         # which must not be the graph's activations or outputs.
         res = [_own(r) if p is None else r for r, p in zip(self._residuals(args, outs), self.layout.pairs)]
         x_hat = [_own(args[p]) for p in self.layout.streams]
@@ -88,6 +88,21 @@ class RecordingBlock(_BlockBase):
 def _own(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy that shares no storage with ``t``."""
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _store(dst: torch.Tensor, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """``value − base`` (or a copy of ``value``) written into ``dst`` when it has the right shape, dtype
+    and layout; else a new tensor. Never returns a tensor that shares storage with ``value``/``base``."""
+    fits = dst.shape == value.shape and dst.dtype == value.dtype and dst.device == value.device
+    # state made under ``torch.inference_mode()`` may not be written outside it (a pipeline that mixes modes)
+    writable = torch.is_inference_mode_enabled() or not dst.is_inference()
+    if fits and writable and dst.is_contiguous():
+        if base is None:
+            return dst.copy_(value)
+        return torch.sub(value, base.to(value.dtype), out=dst)
+    if base is None:
+        return _own(value)
+    return value - base.to(value.dtype)
 
 
 def _rel_error(out: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

@@ -3,17 +3,21 @@
 ``insert_cache`` (``insert_cache.py``) puts one ``CachedBlock`` in place of every outlined block. Its
 inputs are ``(*block_args, *state, step, force)`` and its outputs ``(*outputs, *state', computed[,
 audit_error])``; the state layout is ``BlockLayout``'s (``block_state.py``). Under eager lowering the
-branch is a Python ``if`` (``_eager_branch``); traced, it is ``cond`` plus a ``where`` per state tensor.
+branch is a Python ``if`` decided on the host (``_eager_forward``, ``eager_skip.py``); traced, it is
+``cond`` plus a ``where`` per state tensor.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import fx
 
 from fastcache_compile import approx, conformal, forecast, rule
 
-from .block_state import _PAIRS, _SHADOW, BlockLayout, _BlockBase, _contiguous_strides, _own, _rel_error, _tracing
+from . import eager_skip
+from .block_state import _PAIRS, _SHADOW, BlockLayout, _BlockBase, _contiguous_strides, _rel_error, _store, _tracing
 from .reduce_stats import LOCAL, Reducer
 
 
@@ -59,6 +63,7 @@ class CachedBlock(_BlockBase):
             self.register_buffer(name.replace(".", "_"), value, persistent=False)
         self._thresholds: dict[int, float] = {}
         self.max_skips: int | None = None  # cap on consecutive skipped steps (``insert_cache``)
+        self._host = eager_skip.HostTables()  # eager lowering's host copy of the table and coefficients
 
     def _threshold(self, dof: int) -> float:
         if dof not in self._thresholds:
@@ -116,11 +121,8 @@ class CachedBlock(_BlockBase):
         step, force = flat[-2], flat[-1]
         x_hat, res_hist, steps = lay.split(state)
         xs = [args[p] for p in lay.streams]
-        if self.reducer is LOCAL and not self.audit and not _tracing(flat) and bool(force):
-            # A forced step (warm-up, refresh, last step) computes whatever the statistic says; in eager
-            # it is not measured (a pass over x and x̂ per stream). Under a process group the statistic is
-            # a collective and stays, so every rank keeps calling it.
-            return self._eager_compute(force, args, xs, step.float(), state)
+        if not self.audit and not _tracing(flat):
+            return self._eager_forward(args, xs, state, step, force)
         delta2 = self.reducer.relative_change(xs, x_hat)  # () float32, the same on every rank
         dof = self.reducer.dof(xs)
         compute = self._decide(delta2, step, steps, force, dof)
@@ -178,10 +180,6 @@ class CachedBlock(_BlockBase):
         else:
             operands = tuple(o.contiguous() for o in operands)
         audit_out: tuple[torch.Tensor, ...] = ()
-        if not self.audit and not tracing:
-            return self._eager_branch(
-                bool(compute), compute, args, xs, operands, step.float(), run_block, predict, state
-            )
         if self.audit:
             # Both paths on the actual input, no branch: the true outputs give the skipped block's
             # relative error (0 where it computed), at the cost of a full computation.
@@ -212,17 +210,66 @@ class CachedBlock(_BlockBase):
         if _PAIRS and self._e_hat is not None:
             _PAIRS[-1].append((self.layout.index, float(self._e_hat), err))
 
-    def _eager_branch(self, computes: bool, compute, args, xs, operands, step, run_block, predict, state) -> tuple:
-        """Eager lowering: a Python branch instead of ``cond`` + ``where`` on every state tensor. The
-        decision is read on the host once (eager ``cond`` reads it too); a skipped block hands its state
-        back untouched and a computed one shifts its history without a select pass per tensor."""
-        if computes:
-            return self._eager_compute(compute, args, xs, step, state)
+    def _eager_forward(self, args: tuple, xs: list, state: tuple, step, force) -> tuple:
+        """Eager lowering: the decision is read on the host once (eager ``cond`` reads it too) and made
+        there (``eager_skip``); a skipped block hands its state back untouched, a computed one shifts its
+        history without a select pass per tensor."""
+        forced = bool(force)
+        if forced and self.reducer is LOCAL:
+            # A forced step (warm-up, refresh, last step) computes whatever the statistic says, so it is
+            # not measured (a pass over x and x̂ per stream). Under a process group the statistic is a
+            # collective and stays, so every rank keeps calling it.
+            return self._eager_compute(force, args, xs, step.float(), state)
         x_hat, res_hist, steps = self.layout.split(state)
-        outs = predict(*operands)
+        delta2 = float(self.reducer.relative_change(xs, x_hat))
+        t, hs = float(step), [float(s) for s in steps]
+        if self._host_computes(delta2, t, hs, forced, self.reducer.dof(xs)):
+            flag = torch.ones((), dtype=torch.bool, device=step.device)
+            return self._eager_compute(flag, args, xs, step.float(), state)
+        outs = self._host_predict(args, x_hat, res_hist, step, steps, t, hs)
         if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
-            self._record_skip(outs, run_block(*operands))
-        return (*outs, *x_hat, *[r for res in res_hist for r in res], *steps, compute)
+            self._record_skip(outs, tuple(self.block(*args)))
+        return (*outs, *state, torch.zeros((), dtype=torch.bool, device=step.device))
+
+    def _host_computes(self, delta2: float, t: float, hs: list[float], forced: bool, dof: int) -> bool:
+        """``_decide`` on host floats: the same rule, without a tensor op per term."""
+        if forced or (self.max_skips is not None and t - hs[0] > self.max_skips):
+            return True
+        if self.form == "forecast":
+            gap = t - hs[0]
+            if hs[-1] < 0 or (self._max_gap is not None and gap >= self._max_gap):
+                return True
+            if self._cutoff is not None:
+                tables = self._host.update(getattr(self, "table", None), getattr(self, "coef", None))
+                e_hat = eager_skip.predicted_error(tables.coef, delta2, gap, t)
+                if _PAIRS:
+                    self._e_hat = e_hat
+                return not e_hat <= self._cutoff or not math.isfinite(delta2)
+        return not delta2 <= self._threshold(dof)
+
+    def _host_predict(self, args: tuple, x_hat: list, res_hist: list[list], step, steps: list, t, hs) -> tuple:
+        """The skipped block's outputs; the forecast's weight row is looked up on the host."""
+        lay = self.layout
+        if self.form != "forecast":
+            fitted = {name: getattr(self, name) for name in self._fitted}
+            rp = res_hist[1] if lay.history > 1 else res_hist[0]
+            preds = [
+                self._predict(k, args, x_hat, res_hist[0], rp, step.float(), steps[0], steps[-1], fitted)
+                for k in range(len(lay.pairs))
+            ]
+            return tuple(p.contiguous() for p in preds)
+        w = None
+        if self._max_gap is not None:
+            tables = self._host.update(getattr(self, "table", None), getattr(self, "coef", None))
+            w = tables.rows[eager_skip.pattern_row(t, hs, self._max_gap)]
+        preds = []
+        for k, p in enumerate(lay.pairs):
+            newest = res_hist[0][k]
+            if p is None or w is None:
+                preds.append(newest.clone())  # unpaired output, or no weights fitted: reuse
+            else:
+                preds.append(eager_skip.weighted_sum(args[p].to(newest.dtype), [r[k] for r in res_hist], w))
+        return tuple(p.contiguous() for p in preds)
 
     def _eager_compute(self, compute, args, xs, step, state) -> tuple:
         """A computed block in eager: its outputs, and the state with the history shifted by one."""
@@ -239,18 +286,3 @@ class CachedBlock(_BlockBase):
         new_steps = [step, *steps[:-1]]
         x_new = [_store(xh, x) for xh, x in zip(x_hat, xs)]
         return (*outs, *x_new, *[r for rs in newer for r in rs], *new_steps, compute)
-
-
-def _store(dst: torch.Tensor, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-    """``value − base`` (or a copy of ``value``) written into ``dst`` when it has the right shape, dtype
-    and layout; else a new tensor. Never returns a tensor that shares storage with ``value``/``base``."""
-    fits = dst.shape == value.shape and dst.dtype == value.dtype and dst.device == value.device
-    # state made under ``torch.inference_mode()`` may not be written outside it (a pipeline that mixes modes)
-    writable = torch.is_inference_mode_enabled() or not dst.is_inference()
-    if fits and writable and dst.is_contiguous():
-        if base is None:
-            return dst.copy_(value)
-        return torch.sub(value, base.to(value.dtype), out=dst)
-    if base is None:
-        return _own(value)
-    return value - base.to(value.dtype)

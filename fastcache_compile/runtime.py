@@ -21,6 +21,7 @@ from torch import fx
 
 from .config import FastCacheConfig
 from .instances import _OWNERS, Owner, Part, Slot, config_tag, owner_for, owners_of, summarize
+from .passes.block_state import recycling
 from .roles import Roles, _is_module_state  # noqa: F401  (_is_module_state: the ONNX export's rule too)
 
 _NO_TIMESTEP = (
@@ -208,13 +209,19 @@ class CacheRuntime:
         key, stream = roles.keys(args)
         generation, step = owner.schedule.observe(stream, t_now)
         slot = self._slot(part, key, generation)
+        recycle = None
         if slot.generation != generation or slot.signature != sig:
-            slot.state = None  # another generation's state, or another input signature's
+            # another generation's state, or another input signature's; nothing reads the former again,
+            # so the new generation's first call writes its state into those tensors (eager lowering)
+            recycle = slot.state if slot.signature == sig else None
+            slot.state = None
 
         cfg = self.config
         step_t = torch.tensor(float(step))
         if slot.state is None:
-            outs = variant.init(*args, step_t)
+            with recycling(recycle):
+                outs = variant.init(*args, step_t)
+            del recycle
         else:
             force = step < cfg.warmup_steps or (cfg.num_steps is not None and step >= cfg.num_steps - 1)
             force = force or (cfg.refresh_every is not None and step % cfg.refresh_every == 0)

@@ -8,7 +8,8 @@ helpers below tell tracing from eager execution and fix the layouts ``cond`` bra
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,41 @@ _SHADOW: list[list[tuple[int, float]]] = []
 # Active conformal-pair recorders (``fastcache_compile.drift``): (block, predicted error ê, true error)
 # of every skip the eager forecast form makes.
 _PAIRS: list[list[tuple[int, float, float]]] = []
+
+
+# The previous generation's state tensors of the stream whose init call is running (eager only): the new
+# state is written into them instead of into fresh tensors. A context variable, so threads serving other
+# models never see each other's pool.
+_RECYCLE: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar("fastcache_recycle", default=None)
+
+
+@contextlib.contextmanager
+def recycling(state: Sequence[torch.Tensor] | None) -> Iterator[None]:
+    """While active, ``RecordingBlock`` (and the token stack's init) write the state they emit into the
+    tensors of ``state``, a stream's previous-generation state that nothing reads any more. Dropping it
+    and allocating anew costs the allocator new pages every generation: in eager on the CPU the freed
+    state goes back to the OS and is faulted in again, and the process's peak grows by the state's size."""
+    pool = [t for t in state or () if isinstance(t, torch.Tensor) and t.is_contiguous() and t.dim() > 0]
+    token = _RECYCLE.set(pool)
+    try:
+        yield
+    finally:
+        _RECYCLE.reset(token)
+
+
+def _recycled(like: torch.Tensor) -> torch.Tensor | None:
+    """A pooled tensor of ``like``'s shape, dtype and device, taken out of the pool; None if there is none."""
+    if _tracing((like,)):  # first: Dynamo (torch.export) cannot trace a ContextVar read
+        return None
+    pool = _RECYCLE.get()
+    if not pool:
+        return None
+    writable = torch.is_inference_mode_enabled()
+    for i, t in enumerate(pool):
+        if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
+            if writable or not t.is_inference():
+                return pool.pop(i)
+    return None
 
 
 @contextlib.contextmanager
@@ -61,7 +97,7 @@ class _BlockBase(nn.Module):
     def _residuals(self, args: tuple, outs: tuple) -> list[torch.Tensor]:
         # Paired outputs are stored as residuals y − x (what the predictors extrapolate), unpaired
         # ones as plain values.
-        return [o if p is None else o - args[p].to(o.dtype) for o, p in zip(outs, self.layout.pairs)]
+        return [o if p is None else _diff(o, args[p]) for o, p in zip(outs, self.layout.pairs)]
 
 
 class RecordingBlock(_BlockBase):
@@ -80,14 +116,22 @@ class RecordingBlock(_BlockBase):
         # Older residuals start equal to r̂ (no trajectory yet) but must be their own tensors: cond
         # operands may not alias each other. Their steps s − 1, s − 2, … mark them: the forecast form
         # computes until its oldest step is real (≥ 0).
-        older = [r.clone() for _ in range(h - 1) for r in res]
+        older = [_own(r) for _ in range(h - 1) for r in res]
         state = [*x_hat, *res, *older, *[s - float(m) for m in range(h)]]
         return (*outs, *state, torch.ones((), dtype=torch.bool, device=step.device))
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy that shares no storage with ``t``."""
-    return t.clone(memory_format=torch.contiguous_format)
+    """A contiguous copy that shares no storage with ``t`` (in a recycled tensor where one fits)."""
+    dst = _recycled(t)
+    return t.clone(memory_format=torch.contiguous_format) if dst is None else dst.copy_(t)
+
+
+def _diff(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The residual ``y − x`` as a new tensor (a recycled one where one fits)."""
+    dst = _recycled(y)
+    x = x.to(y.dtype)
+    return y - x if dst is None else torch.sub(y, x, out=dst)
 
 
 def _store(dst: torch.Tensor, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:

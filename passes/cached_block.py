@@ -228,7 +228,8 @@ class CachedBlock(_BlockBase):
             return self._eager_compute(flag, args, xs, step.float(), state)
         outs = self._host_predict(args, x_hat, res_hist, step, steps, t, hs)
         if _SHADOW or (_PAIRS and self._e_hat is not None):  # what would the block have given?
-            self._record_skip(outs, tuple(self.block(*args)))
+            # contiguous as the cond branch returns them: the norm's summation order then matches
+            self._record_skip(outs, tuple(o.contiguous() for o in self.block(*args)))
         return (*outs, *state, torch.zeros((), dtype=torch.bool, device=step.device))
 
     def _host_computes(self, delta2: float, t: float, hs: list[float], forced: bool, dof: int) -> bool:

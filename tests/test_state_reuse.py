@@ -109,3 +109,33 @@ def test_state_made_in_inference_mode_is_replaced_outside_it():
     new_x_hat, new_res, _ = LAYOUT.split(out[2:-1])
     torch.testing.assert_close(new_x_hat[0], x1)
     torch.testing.assert_close(new_res[0][0], out[0] - x1)
+
+
+def test_init_writes_into_the_previous_generations_state():
+    from fastcache_compile.passes.block_state import recycling
+
+    record, _ = _blocks()
+    x0, c0 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    old = list(record(x0, c0, torch.tensor(0.0))[2:-1])
+    storage = _ptrs(t for t in old if t.dim() > 0)
+    x1, c1 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    with recycling(old):
+        *outs, _ = record(x1, c1, torch.tensor(0.0))
+    outs, state = outs[:2], outs[2:]
+    tensors = [t for t in state if t.dim() > 0]
+    assert _ptrs(tensors) == storage  # every state tensor reuses one of the old ones, none is new
+    assert not _ptrs(tensors) & _ptrs([x1, c1, *outs])
+    fresh = record(x1, c1, torch.tensor(0.0))[2:-1]  # no pool: fresh tensors, the same values
+    assert all(torch.equal(a, b) for a, b in zip(state, fresh))
+
+
+def test_a_new_generation_recycles_the_streams_state(built):
+    model, case = built["dit"], CASES["dit"]
+    cm = compile_eager(model, threshold=0.05)
+    first = sample(cm, case, steps=3)
+    slots = [s for o in owners_of_model(model) for p in o.parts.values() for s in p.slots.values()]
+    before = [_ptrs(t for t in s.state if t.dim() > 0) for s in slots]
+    again = sample(cm, case, steps=3)  # the timestep jumps back up: a new generation
+    after = [_ptrs(t for t in s.state if t.dim() > 0) for s in slots]
+    assert after == before  # no activation-sized state tensor was allocated anew
+    assert torch.equal(again, first)

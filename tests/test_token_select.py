@@ -338,3 +338,49 @@ def test_full_stack_sits_directly_under_one_cond(built, monkeypatch):
     depths = _cond_depths(make_fx(gm, tracing_mode="fake")(*args))
     assert [d for d, n in depths if n == blocks] == [1]  # the full stack: a branch of the top cond
     assert max(d for d, _ in depths) == 3  # the bucket chain: outer cond, then two more for 3 buckets
+
+
+def _targets(gm: torch.fx.GraphModule) -> list:
+    """Every call_function target of a traced module, cond branches included."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            out.append(node.target)
+            if node.target is torch.ops.higher_order.cond:
+                for branch in node.args[1:3]:
+                    out += _targets(getattr(gm, branch.target))
+    return out
+
+
+def test_merging_is_one_extern_call_per_bucket(built, monkeypatch):
+    # Lowered op by op, merging's cdist/topk/scatter kernels were generated once per bucket: selection +
+    # merging compiled at 2.8x block caching against 2.0x for selection alone.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import fastcache_compile.backend as backend
+    from fastcache_compile import tokens as T
+    from fastcache_compile.passes.merge_op import merge_tokens
+
+    model, case = built["dit"], CASES["dit"]
+    seen, lower = [], backend._lower
+
+    def grab(gm, args, lowering):
+        if hasattr(getattr(gm, "fastcache_tokens", None), "full"):
+            seen.append((gm, list(args)))
+        return lower(gm, args, lowering)
+
+    monkeypatch.setattr(backend, "_lower", grab)
+    opts = dict(threshold=0.05, token_select=True, token_threshold=0.1, token_merge=True, merge_ratio=0.5)
+    sample(compile_eager(model, **opts), case, steps=3)
+    gm, args = seen[-1]
+    targets = _targets(make_fx(gm, tracing_mode="fake")(*args))
+    merges = sum(t is torch.ops.fastcache.merge_tokens.default for t in targets)
+    # every bucket merges, the full-size one too (16 tokens run as 8)
+    assert merges == len(gm.fastcache_tokens.branch_list) == 4
+    assert torch.ops.aten._cdist_forward.default not in targets  # the kNN runs inside the extern call
+    # and the operator computes what the token functions do
+    gen = torch.Generator().manual_seed(0)
+    xk, sal = torch.randn(2, 12, 8, generator=gen), torch.rand(2, 12, generator=gen)
+    score = T.importance(T.knn_density(xk, 4), sal / sal.amax(-1, keepdim=True), 1.0)
+    for got, want in zip(merge_tokens(xk, sal, 4, 1.0, 5, False), T.merge(xk, score, 5)):
+        assert torch.equal(got, want)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.compile_time            # ~20 min on 2 cores
     python -m benchmarks.compile_time --steps 6  # shorter generations, same compiles
+    python -m benchmarks.compile_time --shared-only  # the default lowering's rows only, a third of the time
     python -m benchmarks.compile_time --runtime  # steady speed of shared vs separate bodies, one process
 
 The shipped reference MMDiT (8 blocks, the last one different), CFG batch of 4, τ = 0.1. Each row runs
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runtime", action="store_true", help="steady speed, shared vs separate bodies")
+    parser.add_argument("--shared-only", action="store_true", help="only the shared-body rows (the default)")
     parser.add_argument("--row", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--share", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -206,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
+            if args.shared_only:
+                rows.append(_spawn(mode, True, args, Path(tmp)))
+                rows[-1].pop("image")
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             pair = [_spawn(mode, share, args, Path(tmp)) for share in (True, False)]
             on, off = (torch.load(r.pop("image")) for r in pair)
             pair[0]["diff_vs_unshared"] = float((on - off).abs().max())

@@ -29,7 +29,6 @@ from fastcache_compile import approx
 from fastcache_compile import tokens as T
 
 from .block_state import _contiguous_strides, _own, _tracing
-from .merge_op import merge_tokens
 
 STACK = "fastcache_stack_0"  # the fused block stack's submodule (``select_tokens.split_stack``)
 
@@ -163,11 +162,12 @@ class TokenStack(nn.Module):
             xk = T.gather(x0, idx)
             rows, h = idx, xk
             if branch.run < branch.select:
-                # one extern call for Inductor, not a kernel set per bucket (``merge_op``); batch-free
-                # positions (plan.shared) give every sample the same centres
-                h, assign, centres = merge_tokens(
-                    xk, sal.gather(1, idx), self.merge_k, self.merge_lambda, branch.run, plan.shared
-                )
+                sal_k = sal.gather(1, idx)
+                temporal = sal_k / sal_k.amax(-1, keepdim=True).clamp_min(1e-12)
+                score = T.importance(T.knn_density(xk, self.merge_k), temporal, self.merge_lambda)
+                if plan.shared:  # batch-free positions: the same centres in every sample
+                    score = score.mean(0, keepdim=True).expand_as(score)
+                h, assign, centres = T.merge(xk, score, branch.run)
                 rows = idx.gather(1, centres)
             small = list(inputs)
             small[plan.stream] = h

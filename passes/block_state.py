@@ -49,12 +49,18 @@ def _recycled(like: torch.Tensor) -> torch.Tensor | None:
     pool = _RECYCLE.get()
     if not pool:
         return None
-    writable = torch.is_inference_mode_enabled()
     for i, t in enumerate(pool):
-        if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
-            if writable or not t.is_inference():
-                return pool.pop(i)
+        if _fits(t, like):
+            return pool.pop(i)
     return None
+
+
+def _fits(dst: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``like``'s value can be written into ``dst``: the same shape, dtype and device, contiguous,
+    and writable here (state made under ``torch.inference_mode()`` may not be written outside it, as in
+    a pipeline that mixes modes)."""
+    same = dst.shape == like.shape and dst.dtype == like.dtype and dst.device == like.device
+    return same and dst.is_contiguous() and (torch.is_inference_mode_enabled() or not dst.is_inference())
 
 
 @contextlib.contextmanager
@@ -137,10 +143,7 @@ def _diff(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _store(dst: torch.Tensor, value: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     """``value − base`` (or a copy of ``value``) written into ``dst`` when it has the right shape, dtype
     and layout; else a new tensor. Never returns a tensor that shares storage with ``value``/``base``."""
-    fits = dst.shape == value.shape and dst.dtype == value.dtype and dst.device == value.device
-    # state made under ``torch.inference_mode()`` may not be written outside it (a pipeline that mixes modes)
-    writable = torch.is_inference_mode_enabled() or not dst.is_inference()
-    if fits and writable and dst.is_contiguous():
+    if _fits(dst, value):
         if base is None:
             return dst.copy_(value)
         return torch.sub(value, base.to(value.dtype), out=dst)

@@ -122,7 +122,7 @@ class CachedBlock(_BlockBase):
         x_hat, res_hist, steps = lay.split(state)
         xs = [args[p] for p in lay.streams]
         if not self.audit and not _tracing(flat):
-            return self._eager_forward(args, xs, state, step, force)
+            return self._eager_forward(args, xs, state, x_hat, res_hist, steps, step, force)
         delta2 = self.reducer.relative_change(xs, x_hat)  # () float32, the same on every rank
         dof = self.reducer.dof(xs)
         compute = self._decide(delta2, step, steps, force, dof)
@@ -210,7 +210,7 @@ class CachedBlock(_BlockBase):
         if _PAIRS and self._e_hat is not None:
             _PAIRS[-1].append((self.layout.index, float(self._e_hat), err))
 
-    def _eager_forward(self, args: tuple, xs: list, state: tuple, step, force) -> tuple:
+    def _eager_forward(self, args: tuple, xs: list, state: tuple, x_hat, res_hist, steps, step, force) -> tuple:
         """Eager lowering: the decision is read on the host once (eager ``cond`` reads it too) and made
         there (``eager_skip``); a skipped block hands its state back untouched, a computed one shifts its
         history without a select pass per tensor."""
@@ -220,7 +220,6 @@ class CachedBlock(_BlockBase):
             # not measured (a pass over x and x̂ per stream). Under a process group the statistic is a
             # collective and stays, so every rank keeps calling it.
             return self._eager_compute(force, args, xs, step.float(), state)
-        x_hat, res_hist, steps = self.layout.split(state)
         delta2 = float(self.reducer.relative_change(xs, x_hat))
         t, hs = float(step), [float(s) for s in steps]
         if self._host_computes(delta2, t, hs, forced, self.reducer.dof(xs)):
@@ -232,6 +231,9 @@ class CachedBlock(_BlockBase):
             self._record_skip(outs, tuple(o.contiguous() for o in self.block(*args)))
         return (*outs, *state, torch.zeros((), dtype=torch.bool, device=step.device))
 
+    def _host_tables(self) -> eager_skip.HostTables:
+        return self._host.update(getattr(self, "table", None), getattr(self, "coef", None))
+
     def _host_computes(self, delta2: float, t: float, hs: list[float], forced: bool, dof: int) -> bool:
         """``_decide`` on host floats: the same rule, without a tensor op per term."""
         if forced or (self.max_skips is not None and t - hs[0] > self.max_skips):
@@ -241,8 +243,7 @@ class CachedBlock(_BlockBase):
             if hs[-1] < 0 or (self._max_gap is not None and gap >= self._max_gap):
                 return True
             if self._cutoff is not None:
-                tables = self._host.update(getattr(self, "table", None), getattr(self, "coef", None))
-                e_hat = eager_skip.predicted_error(tables.coef, delta2, gap, t)
+                e_hat = eager_skip.predicted_error(self._host_tables().coef, delta2, gap, t)
                 if _PAIRS:
                     self._e_hat = e_hat
                 return not e_hat <= self._cutoff or not math.isfinite(delta2)
@@ -261,8 +262,7 @@ class CachedBlock(_BlockBase):
             return tuple(p.contiguous() for p in preds)
         w = None
         if self._max_gap is not None:
-            tables = self._host.update(getattr(self, "table", None), getattr(self, "coef", None))
-            w = tables.rows[eager_skip.pattern_row(t, hs, self._max_gap)]
+            w = self._host_tables().rows[eager_skip.pattern_row(t, hs, self._max_gap)]
         preds = []
         for k, p in enumerate(lay.pairs):
             newest = res_hist[0][k]

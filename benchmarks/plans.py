@@ -58,6 +58,9 @@ NEW_DEFAULT = Plan(
         # shipped table's gaps of up to 6 allow (its drift pairs were recorded under that policy)
         ("forecast", 0.3, "eager", {"refresh_every": 4, "num_steps": None}),
         ("forecast", 0.3, "eager", {"refresh_every": 5, "num_steps": None}),
+        # more skipping at the same policy: looser τ, or a refresh every 6 steps (the table's largest gap)
+        ("forecast", 0.4, "eager", {"refresh_every": 5, "num_steps": None}),
+        ("forecast", 0.3, "eager", {"refresh_every": 6, "num_steps": None}),
         ("forecast", 0.2, "eager", {"max_skips": 2}),
         ("reuse", 0.1, "eager"),
     ),

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import baselines as bl
 from benchmarks import diffusers_hooks as dhk
+from benchmarks import step_caches as sc
 from benchmarks.cachedit_runs import CacheDit
 from fastcache_compile.reference import Reference, sample
 
@@ -66,14 +67,14 @@ def test_block_family_pack_roundtrip(ref: Reference) -> None:
 
 
 def test_fora_interval_one_is_uncached(ref: Reference, plain: torch.Tensor) -> None:
-    fora = bl.Fora(ref.transformer, 1)
+    fora = sc.Fora(ref.transformer, 1)
     out = _run(ref, fora)
     assert torch.equal(out, plain)
     assert fora.counter.block_skip_fraction() == 0.0
 
 
 def test_fora_interval_two_skips_half_and_reuses_both_streams(ref: Reference, plain: torch.Tensor) -> None:
-    fora = bl.Fora(ref.transformer, 2)
+    fora = sc.Fora(ref.transformer, 2)
     out = _run(ref, fora)
     # 6 steps, one batched call each: steps 0, 2, 4 compute every block, steps 1, 3, 5 reuse them.
     assert fora.counter.calls == STEPS
@@ -85,14 +86,14 @@ def test_fora_interval_two_skips_half_and_reuses_both_streams(ref: Reference, pl
 
 
 def test_split_cfg_gets_one_state_per_stream(ref: Reference) -> None:
-    fora = bl.Fora(ref.transformer, 2)
+    fora = sc.Fora(ref.transformer, 2)
     _run(ref, fora, cfg="split")
     assert len(fora.streams) == 2  # cond and uncond calls of a step never share a cache
     assert fora.counter.block_skip_fraction() == pytest.approx(0.5)
 
 
 def test_fbc_never_skipping_is_uncached(ref: Reference, plain: torch.Tensor) -> None:
-    fbc = bl.FirstBlockCache(ref.transformer, 0.0)  # rel. change < 0 never holds
+    fbc = sc.FirstBlockCache(ref.transformer, 0.0)  # rel. change < 0 never holds
     assert torch.equal(_run(ref, fbc), plain)
     assert fbc.counter.block_skip_fraction() == 0.0
 
@@ -101,9 +102,9 @@ def test_teacache_runs_on_mmdit(ref: Reference) -> None:
     def gen(m: torch.nn.Module) -> None:
         sample(ref, m, torch.tensor([1, 2]), seed=100)
 
-    fit = bl.fit_teacache(ref.transformer, gen, degree=2)
+    fit = sc.fit_teacache(ref.transformer, gen, degree=2)
     assert fit["pairs"] == STEPS - 1  # consecutive step pairs of the one batched stream
-    tea = bl.TeaCache(ref.transformer, 1e9, fit["coefficients"], STEPS, fit["input_change_range"])
+    tea = sc.TeaCache(ref.transformer, 1e9, fit["coefficients"], STEPS, fit["input_change_range"])
     _run(ref, tea)
     # Huge threshold: only step 0 (nothing cached yet) and step 5 (the last) compute the stack.
     assert tea.counter.block_skip_fraction() == pytest.approx((STEPS - 2) / STEPS)
@@ -188,7 +189,7 @@ def test_fora_on_dit_family() -> None:
         plain = dit_sample(dit, labels, 0, steps=4, scheduler=sched)
         assert bl.block_family(dit) is bl.DIT
         for interval, skipped in ((1, 0.0), (2, 0.5)):
-            fora = bl.Fora(dit, interval)
+            fora = sc.Fora(dit, interval)
             with fora:
                 out = dit_sample(fora.model, labels, 0, steps=4, scheduler=sched)
             assert fora.counter.block_skip_fraction() == pytest.approx(skipped)

@@ -244,6 +244,7 @@ def manifest_head(
             "num_steps": config.num_steps,
             "max_streams": config.max_streams,
             "refresh_every": config.refresh_every,
+            "refresh_steps": None if config.refresh_steps is None else list(config.refresh_steps),
             "max_skips": config.max_skips,
         },
         "calibration": None

@@ -34,7 +34,7 @@ from fastcache_compile.runtime import CacheRuntime, Variant
 from . import _manifest
 
 # Options the runner may change: they steer the runtime, not the graphs (τ, α and maps are baked in).
-RUNTIME_OPTIONS = ("warmup_steps", "num_steps", "max_streams", "refresh_every")
+RUNTIME_OPTIONS = ("warmup_steps", "num_steps", "max_streams", "refresh_every", "refresh_steps")
 _GPU_FALLBACKS = {"TensorrtExecutionProvider": ("CUDAExecutionProvider",)}
 
 
@@ -131,6 +131,7 @@ class ExportedModel:
             max_streams=cfg["max_streams"],
             approximation=cfg["approximation"],
             refresh_every=cfg.get("refresh_every"),  # absent from exports made before the option existed
+            refresh_steps=cfg.get("refresh_steps"),
             lowering="eager",
         ).replace(**overrides)
         self.variants = manifest["variants"]
@@ -258,7 +259,8 @@ def load_exported(
     ``provider``: an ONNX Runtime execution provider; "TensorrtExecutionProvider" is passed on to ORT
     (with CUDA and CPU as fallbacks) but is untested here: no NVIDIA GPU or TensorRT was available.
     ``model``: if given, its fingerprint must match the exported one (ValueError otherwise).
-    ``overrides``: runtime options ``warmup_steps``, ``num_steps``, ``max_streams``, ``refresh_every``.
+    ``overrides``: runtime options ``warmup_steps``, ``num_steps``, ``max_streams``, ``refresh_every``,
+    ``refresh_steps``.
     """
     try:
         import onnxruntime  # noqa: F401

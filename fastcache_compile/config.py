@@ -58,6 +58,9 @@ class FastCacheConfig:
     refresh_every: int | None = None
     """Synchronised refresh: every ``refresh_every``-th step of a generation (0, N, 2N, …) computes
     every block, as FORA and TaylorSeer do; None: only warm-up and the rule decide."""
+    refresh_steps: tuple[int, ...] | None = None
+    """Steps of a generation (0-based) at which every block computes, for schedules ``refresh_every``
+    cannot express (denser early, sparser late; cache-dit's step masks); adds to ``refresh_every``."""
     max_skips: int | None = None
     """Cap on consecutive skipped steps per block: a block computes once its last computed step is
     more than ``max_skips`` steps back; None: no cap (the forecaster's table caps its own gaps)."""
@@ -80,6 +83,8 @@ class FastCacheConfig:
         for name in ("refresh_every", "max_skips"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), 1, "None or an int >= 1")
+        if self.refresh_steps is not None:
+            object.__setattr__(self, "refresh_steps", _step_indices("refresh_steps", self.refresh_steps))
         if self.lowering not in _LOWERINGS:
             raise ValueError(f"lowering must be one of {_LOWERINGS}, got {self.lowering!r}")
         for name in ("token_select", "token_merge", "audit"):
@@ -165,3 +170,13 @@ def _number(name: str, value: Any, want: str, lo: float, hi: float = math.inf, o
 def _integer(name: str, value: Any, lo: int, want: str | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < lo:
         raise ValueError(f"{name} must be {want or f'an int >= {lo}'}, got {value!r}")
+
+
+def _step_indices(name: str, steps: Any) -> tuple[int, ...]:
+    """Distinct step indices ≥ 0 as a sorted tuple (lists and ranges are accepted)."""
+    ok = isinstance(steps, (tuple, list, range)) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps
+    )
+    if not ok:
+        raise ValueError(f"{name} must be None or a tuple of step indices >= 0, e.g. (0, 5, 9, 14); got {steps!r}")
+    return tuple(sorted(set(steps)))

@@ -29,7 +29,16 @@ import torch
 
 from .passes.block_state import _PAIRS, collecting
 
-_RUNTIME_KEYS = ("threshold", "alpha", "warmup_steps", "num_steps", "max_streams", "refresh_every", "max_skips")
+_RUNTIME_KEYS = (
+    "threshold",
+    "alpha",
+    "warmup_steps",
+    "num_steps",
+    "max_streams",
+    "refresh_every",
+    "refresh_steps",
+    "max_skips",
+)
 
 
 def check_options(options: Any) -> dict[str, Any]:

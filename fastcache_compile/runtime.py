@@ -225,6 +225,7 @@ class CacheRuntime:
         else:
             force = step < cfg.warmup_steps or (cfg.num_steps is not None and step >= cfg.num_steps - 1)
             force = force or (cfg.refresh_every is not None and step % cfg.refresh_every == 0)
+            force = force or (cfg.refresh_steps is not None and step in cfg.refresh_steps)
             force = force or recorder is not None  # calibration records full computations
             try:
                 outs = variant.cached(*args, *slot.state, step_t, torch.tensor(force))

@@ -76,6 +76,7 @@ def dit_factory():
     [
         ("dit", 0.0, {}),  # τ = 0 baked into the graph: the χ² test never passes
         ("pixart", TAU, {"warmup_steps": STEPS}),  # τ > 0 graph, every step forced by the runtime
+        ("pixart", TAU, {"refresh_steps": tuple(range(STEPS))}),  # the same, by a refresh schedule
     ],
 )
 def test_all_computed_matches_uncached(built, exported, name, tau, overrides):

@@ -197,6 +197,19 @@ def test_refresh_every_computes_all_blocks_on_schedule(every):
     assert fc.stats(cm)["per_block_skipped"] == [10 - refreshed] * 2
 
 
+@pytest.mark.parametrize(
+    ("steps", "every", "computed"),
+    [((0, 3), None, {0, 3}), ((2, 7, 8), None, {0, 2, 7, 8}), ([9, 4, 4], None, {0, 4, 9}), ((2,), 4, {0, 2, 4, 8})],
+)
+def test_refresh_steps_compute_all_blocks_at_those_steps(steps, every, computed):
+    cm = compile_eager(_build(_Timestep), threshold=10.0, warmup_steps=1, refresh_steps=steps, refresh_every=every)
+    _run(cm, STEPS_10)
+    assert fc.stats(cm)["per_block_skipped"] == [10 - len(computed)] * 2
+    # a new generation follows the same schedule (the steps count from its first call)
+    _run(cm, STEPS_10)
+    assert fc.stats(cm)["per_block_skipped"] == [2 * (10 - len(computed))] * 2
+
+
 @pytest.mark.parametrize("cap", [1, 2, 3])
 def test_max_skips_caps_consecutive_skips_per_block(cap):
     cm = compile_eager(_build(_Timestep), threshold=10.0, warmup_steps=1, max_skips=cap)
@@ -208,5 +221,9 @@ def test_max_skips_caps_consecutive_skips_per_block(cap):
 def test_refresh_options_are_validated():
     with pytest.raises(ValueError, match="refresh_every must be None or an int >= 1"):
         fc.FastCacheConfig(refresh_every=0)
+    for bad in ((-1, 4), "0,5", (1.5,), (True,), 5):
+        with pytest.raises(ValueError, match="refresh_steps must be None or a tuple of step indices"):
+            fc.FastCacheConfig(refresh_steps=bad)
+    assert fc.FastCacheConfig(refresh_steps=[9, 0, 4, 4]).refresh_steps == (0, 4, 9)
     with pytest.raises(ValueError, match="max_skips is applied inside the cond graph"):
         fc.FastCacheConfig(max_skips=2, lowering="segments")

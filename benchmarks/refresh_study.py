@@ -41,7 +41,8 @@ TAUS = {"forecast": (0.1, 0.2, 0.3, 0.4), "reuse": (0.05, 0.1, 0.2, 0.3)}
 WORK = (0.4, 0.5, 0.6, 0.7)  # shares of block work skipped at which policies are compared
 
 
-def _generate(subject: Any, model: Any, labels: torch.Tensor, seeds: list[int], batch: int) -> torch.Tensor:
+def generate(subject: Any, model: Any, labels: torch.Tensor, seeds: list[int], batch: int) -> torch.Tensor:
+    """Samples at the subject's default steps and guidance, batched CFG, ``batch`` samples per call."""
     outs = []
     for i in range(0, len(seeds), batch):
         outs.append(
@@ -50,6 +51,18 @@ def _generate(subject: Any, model: Any, labels: torch.Tensor, seeds: list[int], 
             )
         )
     return torch.cat(outs)
+
+
+def measure(
+    subject: Any, options: dict[str, Any], labels: torch.Tensor, seeds: list[int], batch: int, ref: torch.Tensor
+) -> tuple[float, float, dict[str, Any]]:
+    """A fresh fastcache compile with ``options`` sampled on ``seeds``: (share of block executions
+    skipped, PSNR against ``ref``, ``fastcache_compile.stats``)."""
+    torch._dynamo.reset()
+    cm = torch.compile(subject.transformer, backend="fastcache", options=options)
+    out = generate(subject, cm, labels, seeds, batch)
+    st = fc.stats(cm)
+    return st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"]), psnr(out, ref), st
 
 
 def _at_work(points: list[tuple[float, float]], work: float) -> float | None:
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(5000, 5000 + args.samples))  # not the calibration's seeds
     labels = torch.arange(args.samples) % 10
     start = time.perf_counter()
-    ref = _generate(subject, subject.transformer, labels, seeds, args.batch)
+    ref = generate(subject, subject.transformer, labels, seeds, args.batch)
     rows = []
     for form, taus in TAUS.items():
         for policy, extra in POLICIES.items():
@@ -79,12 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                 options = {"lowering": "eager", "threshold": tau, "approximation": form, **extra}
                 if form != "reuse":
                     options["calibration"] = str(subject.calibration)
-                torch._dynamo.reset()
-                cm = torch.compile(subject.transformer, backend="fastcache", options=options)
-                out = _generate(subject, cm, labels, seeds, args.batch)
-                st = fc.stats(cm)
-                skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
-                row = {"form": form, "policy": policy, "tau": tau, "skipped": skipped, "psnr": psnr(out, ref)}
+                skipped, quality, _ = measure(subject, options, labels, seeds, args.batch, ref)
+                row = {"form": form, "policy": policy, "tau": tau, "skipped": skipped, "psnr": quality}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {

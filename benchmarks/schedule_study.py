@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-import fastcache_compile as fc
 from benchmarks import subjects
-from benchmarks.metrics import psnr
+from benchmarks.refresh_study import generate, measure
 
 OUT = Path(__file__).resolve().parent / "results"
 TAU = 0.3
@@ -42,17 +41,6 @@ SCHEDULES: dict[str, tuple[int, ...]] = {
 }
 
 
-def _generate(subject: Any, model: Any, labels: torch.Tensor, seeds: list[int], batch: int) -> torch.Tensor:
-    outs = []
-    for i in range(0, len(seeds), batch):
-        outs.append(
-            subject.generate(
-                model, labels[i : i + batch], seeds[i : i + batch], subject.steps, subject.guidance, "batch"
-            )
-        )
-    return torch.cat(outs)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=32)
@@ -63,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(5000, 5000 + args.samples))  # not the calibration's seeds
     labels = torch.arange(args.samples) % 10
     start = time.perf_counter()
-    ref = _generate(subject, subject.transformer, labels, seeds, args.batch)
+    ref = generate(subject, subject.transformer, labels, seeds, args.batch)
     rows = []
     for name, steps in SCHEDULES.items():
         options = {
@@ -76,17 +64,13 @@ def main(argv: list[str] | None = None) -> None:
             "refresh_steps": steps,
             "audit": True,  # the outputs stay the cached ones; every skipped block is also computed
         }
-        torch._dynamo.reset()
-        cm = torch.compile(subject.transformer, backend="fastcache", options=options)
-        out = _generate(subject, cm, labels, seeds, args.batch)
-        st = fc.stats(cm)
-        skipped = st["blocks_skipped"] / (st["blocks_skipped"] + st["blocks_computed"])
+        skipped, quality, st = measure(subject, options, labels, seeds, args.batch, ref)
         audit = st["audit"]
         row = {
             "schedule": name,
             "refresh_steps": list(steps),
             "skipped": skipped,
-            "psnr": psnr(out, ref),
+            "psnr": quality,
             "violations": audit["violations"] / max(audit["skips"], 1),
             "audited_skips": audit["skips"],
         }

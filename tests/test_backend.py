@@ -1,5 +1,6 @@
 """End-to-end behaviour of the ``fastcache`` backend on every supported model family."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -44,8 +45,18 @@ def test_large_tau_skips_and_stats_agree(built, name):
     assert (out - ref).norm() / ref.norm() < 0.5  # ... but it is still an approximation of it
 
 
+# Inductor compiles cost 12-29 s per family on 2 cores. By default the families with the most distinct
+# graphs run (SD3: joint attention and a context_pre_only last block, Flux: dual- and single-stream
+# blocks, Wan: 3-D patches); every family is exact at τ = 0 in eager above, the DiT under Inductor in
+# tests/test_token_select.py, the hand-written model in test_inductor_skips_like_eager.
+INDUCTOR_FAMILIES = ("sd3", "flux", "wan")
+ALL_FAMILIES = os.environ.get("FASTCACHE_TEST_ALL_INDUCTOR") == "1"
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_tau_zero_inductor_allclose(built, name):
+    if name not in INDUCTOR_FAMILIES and not ALL_FAMILIES:
+        pytest.skip(f"Inductor at τ = 0 on {name} runs with FASTCACHE_TEST_ALL_INDUCTOR=1 (compile time)")
     model, case = built[name], CASES[name]
     ref = sample(model, case, cfg=None, steps=4)
     cm = torch.compile(model, backend="fastcache", options={"threshold": 0.0}, fullgraph=True)

@@ -260,6 +260,7 @@ def test_inductor_matches_eager_lowering(built, tmp_path):
     eager_cm = compile_eager(model, **opts)
     eager_out = sample(eager_cm, case, steps=6)
     eager_tokens = fc.stats(eager_cm)["tokens_per_call"]
+    assert len(eager_tokens) == 3  # reduced stacks of two sizes and the full one ran
     torch._dynamo.reset()
     cm = torch.compile(model, backend="fastcache", options=opts, fullgraph=True)
     out = sample(cm, case, steps=6)

@@ -120,10 +120,12 @@ class RecordingBlock(_BlockBase):
         s = step.float()
         h = self.layout.history
         # Older residuals start equal to r̂ (no trajectory yet) but must be their own tensors: cond
-        # operands may not alias each other. Their steps s − 1, s − 2, … mark them: the forecast form
-        # computes until its oldest step is real (≥ 0).
+        # operands may not alias each other. Their steps −1, −2, … mark them as not computed: the
+        # forecast form computes until its oldest step is real (≥ 0). Not s − 1, s − 2: a state that
+        # starts mid-generation (a second graph, an evicted stream) would pass copies of r̂ off as a
+        # computed history, and the fitted weights would extrapolate a trajectory that never happened.
         older = [_own(r) for _ in range(h - 1) for r in res]
-        state = [*x_hat, *res, *older, *[s - float(m) for m in range(h)]]
+        state = [*x_hat, *res, *older, s, *[torch.full_like(s, -float(m)) for m in range(1, h)]]
         return (*outs, *state, torch.ones((), dtype=torch.bool, device=step.device))
 
 

@@ -94,7 +94,7 @@ class Owner:
     def __init__(self, config: FastCacheConfig, ref: weakref.ref | None) -> None:
         self.config = config
         self.ref = ref  # the owning parameter; None for a graph without module state
-        self.schedule = Schedule()
+        self.schedule = Schedule(num_steps=config.num_steps)
         self.parts: weakref.WeakKeyDictionary[Any, Part] = weakref.WeakKeyDictionary()  # runtime -> part
 
     def part(self, runtime: Any) -> Part:

@@ -14,6 +14,9 @@ Rules, for a call of conditioning stream ``k`` at timestep ``t`` (``None`` when 
   before any direction is known (the generation has one timestep so far) it is the next 1-step
   generation. Without a timestep a repeated stream always advances the step: a new generation then
   needs ``reset``.
+* with ``num_steps`` known, a step past its last one starts the next generation. A run stopped early
+  and followed by one that starts at a lower noise level is otherwise taken for its continuation;
+  without ``num_steps`` only ``reset`` separates them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Schedule:
     step: int = 0  # step index within the current generation
     last_t: float | None = None
     direction: int = 0  # +1 increasing, -1 decreasing, 0 not known yet
+    num_steps: int | None = None  # steps per generation, if known (``FastCacheConfig.num_steps``)
     _seen: set[bytes] = field(default_factory=set)  # streams that ran at the current step
 
     def observe(self, stream: bytes, t: float | None) -> tuple[int, int]:
@@ -60,5 +64,8 @@ class Schedule:
         self._seen.clear()
 
     def _advance(self) -> None:
+        if self.num_steps is not None and self.step + 1 >= self.num_steps:
+            self._start()  # the generation had all its steps: this call begins the next one
+            return
         self.step += 1
         self._seen.clear()

@@ -41,6 +41,15 @@ def test_heun_repeated_timestep_is_a_step_not_a_generation():
     assert got == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]
 
 
+def test_num_steps_ends_a_generation_after_its_last_step():
+    # a run stopped after 2 of 3 steps, then one that starts below where it stopped
+    got = _walk(Schedule(num_steps=3), [("c", 900), ("c", 800), ("c", 700), ("c", 600), ("c", 500), ("c", 400)])
+    assert got == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    got = _walk(Schedule(num_steps=2), [("c", 900), ("u", 900), ("c", 800), ("u", 800), ("c", 700), ("u", 700)])
+    assert got == [(1, 0), (1, 0), (1, 1), (1, 1), (2, 0), (2, 0)]
+    assert _walk(Schedule(), [("c", 900), ("c", 800), ("c", 700)])[-1] == (1, 2)
+
+
 def test_without_timestep_a_repeated_stream_advances_the_step():
     got = _walk(Schedule(), [("c", None), ("u", None), ("c", None), ("u", None)])
     assert got == [(1, 0), (1, 0), (1, 1), (1, 1)]
@@ -208,6 +217,17 @@ def test_refresh_steps_compute_all_blocks_at_those_steps(steps, every, computed)
     # a new generation follows the same schedule (the steps count from its first call)
     _run(cm, STEPS_10)
     assert fc.stats(cm)["per_block_skipped"] == [2 * (10 - len(computed))] * 2
+
+
+def test_a_run_after_a_complete_one_is_a_new_generation_with_num_steps():
+    """A 10-step run, then one whose first timestep continues the first's direction: with
+    ``num_steps`` the second is a generation of its own, computed at its warm-up and last step."""
+    cm = compile_eager(_build(_Timestep), threshold=10.0, warmup_steps=1, num_steps=10)
+    _run(cm, STEPS_10)
+    _run(cm, [50 - 5 * i for i in range(10)])  # from 50 down: below the first run's last timestep
+    st = fc.stats(cm)
+    assert st["generations"] == 2
+    assert st["per_block_skipped"] == [2 * 8] * 2  # per generation: step 0 and step 9 computed
 
 
 @pytest.mark.parametrize("cap", [1, 2, 3])

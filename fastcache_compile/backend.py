@@ -188,4 +188,5 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: FastCach
         return _lower(clone_graph_module(gm), list(args), config.lowering)
 
     log.info("fastcache: %d blocks found", num_blocks)
-    return CacheRuntime(gm, example_inputs, config, build, plain)
+    admit = calib.check_instance if calib is not None else None
+    return CacheRuntime(gm, example_inputs, config, build, plain, admit)

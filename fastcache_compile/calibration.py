@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,15 +46,21 @@ def _param_hash(tensors: Iterable[torch.Tensor]) -> str:
 
 def graph_fingerprint(outlined: fx.GraphModule, args: list[Any]) -> dict[str, Any]:
     """Block count, stream widths and parameter hash of an outlined graph and its inputs."""
-    from .passes.outline_blocks import PREFIX, _is_state_input, _value
+    from .passes.outline_blocks import PREFIX, _value
 
     calls = [n for n in outlined.graph.nodes if n.op == "call_module" and str(n.target).startswith(PREFIX)]
     widths = []
     for call in calls:
         widths.append([int(_value(call.args[p]).shape[-1]) for p in call.meta["fastcache_streams"]])
-    placeholders = [n for n in outlined.graph.nodes if n.op == "placeholder"]
-    params = [a for n, a in zip(placeholders, args) if isinstance(a, torch.Tensor) and _is_state_input(n)]
-    return {"num_blocks": len(calls), "widths": widths, "param_hash": _param_hash(params)}
+    return {"num_blocks": len(calls), "widths": widths, "param_hash": param_hash(outlined, args)}
+
+
+def param_hash(graph: fx.GraphModule, args: Sequence[Any]) -> str:
+    """Digest of the parameters and buffers among a graph's inputs ``args`` (which model instance it is)."""
+    from .passes.outline_blocks import _is_state_input
+
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    return _param_hash(a for n, a in zip(placeholders, args) if isinstance(a, torch.Tensor) and _is_state_input(n))
 
 
 @dataclass
@@ -89,6 +95,16 @@ class Calibration:
                     f"calibration file does not belong to this model: {key} is {self.fingerprint.get(key)!r} in "
                     f"the file but {mine[key]!r} here. Re-run fastcache_compile.calibrate(...) on this model."
                 )
+
+    def check_instance(self, graph: fx.GraphModule, args: Sequence[Any]) -> None:
+        """``check``'s parameter test for another model instance served by an already built graph."""
+        mine = param_hash(graph, args)
+        if mine != self.fingerprint.get("param_hash"):
+            raise ValueError(
+                f"calibration file does not belong to this model instance: its parameters hash to {mine!r}, "
+                f"the file was fitted on {self.fingerprint.get('param_hash')!r}. Compile this instance without "
+                "options['calibration'], or re-run fastcache_compile.calibrate(...) on it."
+            )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         _file.write(path, self.fingerprint, self.tensors, self.recommended, self.metrics)

@@ -84,8 +84,12 @@ class CacheRuntime:
         config: FastCacheConfig,
         build: Callable[[fx.GraphModule, Sequence[Any]], Variant],
         plain: Callable[[Sequence[Any]], Callable],
+        admit: Callable[[fx.GraphModule, Sequence[Any]], None] | None = None,
     ) -> None:
         self.gm = gm
+        # checks a model instance on its first call here (``build`` checks only the first instance per
+        # input signature): another instance served by this graph may not fit the calibration
+        self._admit = admit
         self.config = config
         self._build = build
         self._plain_factory = plain
@@ -200,6 +204,8 @@ class CacheRuntime:
         n_out = variant.num_outputs
         recorder = _RECORDERS[-1] if _RECORDERS else None
         owner = self._owner(args)
+        if self._admit is not None and self not in owner.parts:
+            self._admit(self.gm, args)  # raises before the instance gets any state here
         part = owner.part(self)
 
         if self.roles.searching:

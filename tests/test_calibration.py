@@ -64,6 +64,22 @@ def test_calibration_of_another_model_is_rejected(fitted):
         sample(cm, CASE, steps=3)
 
 
+def test_another_instance_served_by_the_same_graph_is_rejected(fitted):
+    """Two instances of one class share Dynamo's graph: the second's first call is checked too,
+    although the graph was built (and the file checked) for the first."""
+    model, _, path = fitted
+    torch.manual_seed(123)
+    other = TinyDiT().eval().requires_grad_(False)  # same architecture, different weights
+    options = {"lowering": "eager", "calibration": str(path), "threshold": 0.3, "approximation": "trajectory"}
+    mine = torch.compile(model, backend="fastcache", options=options)
+    theirs = torch.compile(other, backend="fastcache", options=options)
+    sample(mine, CASE, steps=3)
+    with pytest.raises(ValueError, match="does not belong to this model instance"):
+        sample(theirs, CASE, steps=3)
+    sample(mine, CASE, steps=3)  # the calibrated instance keeps working
+    assert fc.stats(mine)["generations"] == 2 and fc.stats(mine)["graphs"] == 1
+
+
 def test_missing_or_foreign_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         calibration.load(tmp_path / "nope.safetensors")

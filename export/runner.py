@@ -246,6 +246,16 @@ def _check_model(model: nn.Module, manifest: dict[str, Any]) -> None:
             )
 
 
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """``ValueError`` for load-time options that are not runtime options (the graphs fix the others)."""
+    bad = sorted(set(overrides) - set(RUNTIME_OPTIONS))
+    if bad:
+        raise ValueError(
+            f"cannot override {bad} at load time: only {list(RUNTIME_OPTIONS)} are runtime options; "
+            "threshold, alpha and the approximation are constants of the exported graphs (re-export to change them)"
+        )
+
+
 def load_exported(
     path: str | os.PathLike[str],
     provider: str = "CPUExecutionProvider",
@@ -267,12 +277,7 @@ def load_exported(
     except ImportError as err:
         raise ImportError("load_exported needs onnxruntime: pip install 'fastcache-compile[onnx]'") from err
     directory, manifest = _manifest.read(path)
-    bad = sorted(set(overrides) - set(RUNTIME_OPTIONS))
-    if bad:
-        raise ValueError(
-            f"cannot override {bad} at load time: only {list(RUNTIME_OPTIONS)} are runtime options; "
-            "threshold, alpha and the approximation are constants of the exported graphs (re-export to change them)"
-        )
+    check_overrides(overrides)
     if model is not None:
         _check_model(model, manifest)
     if manifest.get("layout") == "segments":

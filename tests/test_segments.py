@@ -235,6 +235,9 @@ def test_onnx_segments_match_and_hold_no_if(tmp_path):
         proto = onnx.load(str(f))
         ops = {n.op_type for n in proto.graph.node} | {n.op_type for fn in proto.functions for n in fn.node}
         assert "If" not in ops, f.name
+    for baked in ({"threshold": 0.0}, {"max_skips": 1}, {"audit": True}):  # constants of the segment graphs
+        with pytest.raises(ValueError, match="cannot override"):
+            load_segments(tmp_path, **baked)
     runner = load_segments(tmp_path)
     # load_exported reads the layout from the manifest and gives the same segment runner
     assert type(fc.load_exported(tmp_path)) is type(runner)

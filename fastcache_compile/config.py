@@ -85,6 +85,11 @@ class FastCacheConfig:
                 _integer(name, getattr(self, name), 1, "None or an int >= 1")
         if self.refresh_steps is not None:
             object.__setattr__(self, "refresh_steps", _step_indices("refresh_steps", self.refresh_steps))
+            if self.num_steps is not None and self.refresh_steps and self.refresh_steps[-1] >= self.num_steps:
+                raise ValueError(
+                    f"refresh_steps {self.refresh_steps!r} lists steps a generation of num_steps={self.num_steps} "
+                    f"never reaches (steps are 0..{self.num_steps - 1}); drop them or raise num_steps"
+                )
         if self.lowering not in _LOWERINGS:
             raise ValueError(f"lowering must be one of {_LOWERINGS}, got {self.lowering!r}")
         for name in ("token_select", "token_merge", "audit"):

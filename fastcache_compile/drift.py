@@ -53,8 +53,9 @@ def check_options(options: Any) -> dict[str, Any]:
         raise ValueError(f"drift options may only be {list(_RUNTIME_KEYS)}; got {unknown}")
     from .config import FastCacheConfig
 
-    FastCacheConfig.from_options(dict(options))  # bad values fail here, not after the long recording
-    return dict(options)
+    cfg = FastCacheConfig.from_options(dict(options))  # bad values fail here, not after the long recording
+    # the normalised values (a range of refresh steps as a tuple): they go into the file's JSON metrics
+    return {key: getattr(cfg, key) for key in options}
 
 
 def observe(

@@ -71,3 +71,15 @@ def test_drift_options_are_checked_before_recording():
     with pytest.raises(ValueError, match="threshold must be a float >= 0"):
         fc.calibrate(model, lambda m: ran.append(1), drift={"threshold": -0.1})
     assert not ran  # refused before the recording pass
+
+
+def test_drift_options_are_stored_normalised():
+    """A range of refresh steps is accepted like a tuple and stored as one: the file's metrics are JSON
+    (a raw range failed to save after both recording passes)."""
+    import json
+
+    from fastcache_compile.drift import check_options
+
+    got = check_options({"threshold": 0.2, "refresh_steps": range(0, 20, 5), "num_steps": 20})
+    assert got == {"threshold": 0.2, "refresh_steps": (0, 5, 10, 15), "num_steps": 20}
+    json.dumps(got)

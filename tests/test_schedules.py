@@ -245,5 +245,8 @@ def test_refresh_options_are_validated():
         with pytest.raises(ValueError, match="refresh_steps must be None or a tuple of step indices"):
             fc.FastCacheConfig(refresh_steps=bad)
     assert fc.FastCacheConfig(refresh_steps=[9, 0, 4, 4]).refresh_steps == (0, 4, 9)
+    with pytest.raises(ValueError, match=r"never reaches \(steps are 0\.\.4\)"):
+        fc.FastCacheConfig(refresh_steps=(3, 7), num_steps=5)
+    assert fc.FastCacheConfig(refresh_steps=(3, 4), num_steps=5).refresh_steps == (3, 4)
     with pytest.raises(ValueError, match="max_skips is applied inside the cond graph"):
         fc.FastCacheConfig(max_skips=2, lowering="segments")

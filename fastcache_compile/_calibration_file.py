@@ -144,3 +144,39 @@ def _check_structure(path: str, fp: dict[str, Any], tensors: dict[str, torch.Ten
         rows = {kind: tensors[f"{kind}.{i}.{k}"].shape[0] for kind in outputs}
         if len(set(rows.values())) != 1:
             raise _bad(path, f"has maps of different widths for block {i} output {k}: {rows}")
+    _check_forecaster(path, tensors, n)
+
+
+def _check_forecaster(path: str, tensors: dict[str, torch.Tensor], n: int) -> None:
+    """Per block with forecaster tensors, the full set that the skip paths read, of consistent shapes.
+
+    A block without its error-model coefficients would skip on a constant prediction in eager and fail
+    in-graph; drift pairs come as a pair of equal length or not at all."""
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        kind, _, idx = name.partition(".")
+        if kind in ("fc_table", "fc_coef", "fc_pred", "fc_err", "fc_dpred", "fc_derr") and idx.isdigit():
+            if int(idx) >= n:
+                raise _bad(path, f"has {name!r} for a model of {n} blocks")
+            blocks.setdefault(int(idx), {})[kind] = value
+    for i, have in sorted(blocks.items()):
+        missing = [f"{k}.{i}" for k in ("fc_table", "fc_coef", "fc_pred", "fc_err") if k not in have]
+        for a, b in (("fc_dpred", "fc_derr"), ("fc_derr", "fc_dpred")):
+            if a in have and b not in have:
+                missing.append(f"{b}.{i}")
+        if missing:
+            raise _bad(path, f"is missing forecaster tensor(s) {missing}")
+        table, coef = have["fc_table"], have["fc_coef"]
+        order = table.shape[1] if table.dim() == 2 else 0
+        gap = round(table.shape[0] ** (1.0 / order)) if order else 0
+        if not order or gap**order != table.shape[0]:
+            raise _bad(path, f"has 'fc_table.{i}' of shape {list(table.shape)}; expected (max_gap**K, K)")
+        if tuple(coef.shape) != (4,):
+            raise _bad(path, f"has 'fc_coef.{i}' of shape {list(coef.shape)}; expected [4]")
+        for a, b in (("fc_pred", "fc_err"), ("fc_dpred", "fc_derr")):
+            if a in have and (have[a].dim() != 1 or have[a].shape != have[b].shape):
+                raise _bad(
+                    path,
+                    f"has '{a}.{i}' / '{b}.{i}' of shapes {list(have[a].shape)} / {list(have[b].shape)}; "
+                    "expected two 1-D tensors of one length",
+                )

@@ -191,3 +191,25 @@ def test_calibrate_refuses_bad_forecaster_options_before_recording(kwargs, match
 
     with pytest.raises(ValueError, match=match):
         fc.calibrate(_poly_model(), run, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.pop("fc_coef.0"), r"missing forecaster tensor\(s\) \['fc_coef.0'\]"),
+        (lambda t: t.pop("fc_err.1"), r"missing forecaster tensor\(s\) \['fc_err.1'\]"),
+        (lambda t: t.update({"fc_table.0": t["fc_table.0"][:-1]}), "expected \\(max_gap\\*\\*K, K\\)"),
+        (lambda t: t.update({"fc_coef.0": torch.zeros(3)}), "expected \\[4\\]"),
+        (lambda t: t.update({"fc_pred.0": t["fc_pred.0"][:-1]}), "two 1-D tensors of one length"),
+    ],
+)
+def test_incomplete_forecaster_in_a_file_is_refused_at_load(poly, tmp_path, edit, match):
+    """Without its error model a block skipped on a constant prediction in eager and failed in-graph."""
+    from fastcache_compile import calibration
+
+    _, calib, _ = poly
+    broken = calibration.Calibration(calib.fingerprint, dict(calib.tensors), calib.recommended, calib.metrics)
+    edit(broken.tensors)
+    broken.save(tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match=match):
+        calibration.load(tmp_path / "broken.safetensors")

@@ -15,6 +15,7 @@ from .calibration import Calibration, calibrate
 from .config import FastCacheConfig
 from .context_parallel import prepare_context_parallel
 from .diffusers_hooks import cache_hooks, refusal
+from .instances import summarize
 from .runtime import owners_of_model
 
 __all__ = [
@@ -76,12 +77,16 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
             "no fastcache state for this model: compile it with torch.compile(model, backend='fastcache') "
             "and call it at least once"
         )
-    if len(owners) > 1:
+    configs = {o.config for o in owners}
+    if len(configs) > 1:
         raise ValueError(
-            f"this module was compiled with fastcache {len(owners)} times with different options; pass the "
+            f"this module was compiled with fastcache {len(configs)} times with different options; pass the "
             "object torch.compile returned to say which compile's statistics you want"
         )
-    return owners[0].summary()
+    if len(owners) == 1:
+        return owners[0].summary()
+    # one owner per calling thread: the compile's statistics are their sum
+    return summarize([pair for o in owners for pair in o.parts.items()], sum(o.schedule.generations for o in owners))
 
 
 def reset(model: torch.nn.Module) -> None:

@@ -6,11 +6,14 @@ therefore belongs to an ``Owner``, one per model instance and compile, identifie
 parameter tensor the call carries and held only through a weak reference: when the model dies
 its owner and every cache tensor of it go too, and a new object at a reused id is never matched.
 Compiles of one module with different options have different owners (told apart by their config);
-compiles with equal options share Dynamo's graphs and so one owner.
+compiles with equal options share Dynamo's graphs and so one owner. Each thread that calls a model
+gets an owner of its own: concurrent generations on one model (a pipeline per thread sharing one
+transformer) would otherwise interleave in one schedule and, with equal prompts, read one stream's cache.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,7 +25,8 @@ from .config import FastCacheConfig
 from .schedule import Schedule
 
 _CONFIG_TAGS: dict[FastCacheConfig, int] = {}
-_OWNERS: dict[tuple[int, int], Owner] = {}  # (id of the owning parameter, config tag) -> owner
+# (id of the owning parameter, config tag, calling thread) -> owner
+_OWNERS: dict[tuple[int, int, int], Owner] = {}
 
 
 def config_tag(config: FastCacheConfig) -> int:
@@ -91,9 +95,10 @@ class Part:
 class Owner:
     """One model instance under one compile: its schedule (shared by its graphs) and its parts."""
 
-    def __init__(self, config: FastCacheConfig, ref: weakref.ref | None) -> None:
+    def __init__(self, config: FastCacheConfig, ref: weakref.ref | None, thread: int | None = None) -> None:
         self.config = config
         self.ref = ref  # the owning parameter; None for a graph without module state
+        self.thread = thread  # the calling thread's ident (``threading.get_ident``); None: any
         self.schedule = Schedule(num_steps=config.num_steps)
         self.parts: weakref.WeakKeyDictionary[Any, Part] = weakref.WeakKeyDictionary()  # runtime -> part
 
@@ -114,7 +119,8 @@ class Owner:
 
 
 def owner_for(param: torch.Tensor, tag: int, config: FastCacheConfig) -> Owner:
-    key = (id(param), tag)
+    thread = threading.get_ident()
+    key = (id(param), tag, thread)
     owner = _OWNERS.get(key)
     # An owner whose graphs are all gone (``torch._dynamo.reset()``) is stale: a new compile starts
     # clean rather than continuing its generation count.
@@ -122,14 +128,14 @@ def owner_for(param: torch.Tensor, tag: int, config: FastCacheConfig) -> Owner:
         # The callback drops the owner (and its cache tensors) as soon as the parameter dies; it runs
         # before the id can be reused, so a later object at the same address starts clean.
         ref = weakref.ref(param, lambda _, k=key: _OWNERS.pop(k, None))
-        owner = _OWNERS[key] = Owner(config, ref)
+        owner = _OWNERS[key] = Owner(config, ref, thread)
     return owner
 
 
 def owners_of(module: torch.nn.Module) -> list[Owner]:
     """Owners whose parameter belongs to ``module`` (any compile)."""
     ids = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
-    return [o for (pid, _), o in list(_OWNERS.items()) if pid in ids and o.ref is not None and o.ref() is not None]
+    return [o for (pid, _, _), o in list(_OWNERS.items()) if pid in ids and o.ref is not None and o.ref() is not None]
 
 
 def summarize(parts: list[tuple[Any, Part]], generations: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ in, ``torch.cond`` per block, state out).
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -145,7 +146,7 @@ class CacheRuntime:
             return self._anon
         param = args[self.roles.owner]
         last = self._last() if self._last is not None else None
-        if last is not None and last.ref is not None and last.ref() is param:
+        if last is not None and last.ref is not None and last.ref() is param and last.thread == threading.get_ident():
             return last
         owner = owner_for(param, self._tag, self.config)
         self._last = weakref.ref(owner)  # never keeps a dead model's state alive

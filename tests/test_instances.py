@@ -162,3 +162,46 @@ def test_diffusers_cache_enabled_after_compile_is_refused():
         _sample_in_context(model, cm, case)
     with pytest.raises(ValueError, match="diffusers cache is enabled"):
         fc.stats(cm)  # never the stale numbers of before
+
+
+def test_concurrent_generations_in_threads_keep_their_own_caches():
+    """Two threads share one compiled model (a pipeline per thread, one transformer) with the same
+    prompt and take turns step by step: each gets what it gets alone. Before, both landed in one
+    schedule and one stream slot, so each skipped on the other's cached residuals."""
+    import threading
+
+    cm = compile_eager(_tiny(0), threshold=10.0, warmup_steps=1)  # every step after the first skips
+    ts = (900, 800, 700, 600)
+    xs = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    alone = []
+    for x in xs:
+        fc.reset(cm)
+        alone.append(_steps(cm, x, Y, ts))
+    fc.reset(cm)
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]
+    got: list[list[torch.Tensor]] = [[], []]
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for t in ts:
+                turns[i].acquire()
+                try:
+                    with torch.no_grad():
+                        got[i].append(cm(xs[i], torch.tensor([t]), Y))
+                finally:
+                    turns[1 - i].release()
+        except BaseException as err:  # surfaced below: a thread's exception would otherwise be lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors and all(len(g) == len(ts) for g in got)
+    for mine, ref in zip(got, alone):
+        for a, b in zip(mine, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    st = fc.stats(cm)  # the compile's statistics sum the threads'
+    assert st["calls"] == 8 and st["generations"] == 2 and st["per_block_skipped"] == [6, 6, 6]

@@ -117,6 +117,7 @@ class ExportedModel:
     def __init__(
         self, directory: Path, manifest: dict[str, Any], providers: list[str], session_options: Any, **overrides: Any
     ) -> None:
+        check_overrides(overrides)  # both loaders land here: the graphs fix every other option
         self.directory, self.manifest = directory, manifest
         self.providers, self.session_options = providers, session_options
         # ``config`` is the model's own (pipelines read ``transformer.config.in_channels``); the cache's
@@ -277,7 +278,6 @@ def load_exported(
     except ImportError as err:
         raise ImportError("load_exported needs onnxruntime: pip install 'fastcache-compile[onnx]'") from err
     directory, manifest = _manifest.read(path)
-    check_overrides(overrides)
     if model is not None:
         _check_model(model, manifest)
     if manifest.get("layout") == "segments":

@@ -37,7 +37,7 @@ from . import _manifest
 from ._capture import _classify, _output_info, _Rewritten, capture
 from ._graph import export_graph, verify_graph
 from .onnx import CALIBRATION_FILE, manifest_head
-from .runner import ExportedModel, _providers, _Session, check_overrides
+from .runner import ExportedModel, _providers, _Session
 
 log = logging.getLogger(__name__)
 LAYOUT = "segments"
@@ -276,5 +276,4 @@ def load_segments(path: str | Path, provider: str = "CPUExecutionProvider", **ov
     directory, manifest = _manifest.read(path)
     if manifest.get("layout") != LAYOUT:
         raise ValueError(f"{directory} is not a segment-layout export: load it with load_exported")
-    check_overrides(overrides)  # τ, max_skips, audit are baked into the segment graphs
     return SegmentsModel(directory, manifest, _providers(provider), None, **overrides)

@@ -83,8 +83,6 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
             f"this module was compiled with fastcache {len(configs)} times with different options; pass the "
             "object torch.compile returned to say which compile's statistics you want"
         )
-    if len(owners) == 1:
-        return owners[0].summary()
     # one owner per calling thread: the compile's statistics are their sum
     return summarize([pair for o in owners for pair in o.parts.items()], sum(o.schedule.generations for o in owners))
 

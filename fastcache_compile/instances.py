@@ -114,9 +114,6 @@ class Owner:
             part.slots.clear()
             part.stats = Stats()
 
-    def summary(self) -> dict[str, Any]:
-        return summarize(list(self.parts.items()), self.schedule.generations)
-
 
 def owner_for(param: torch.Tensor, tag: int, config: FastCacheConfig) -> Owner:
     thread = threading.get_ident()
